@@ -1,0 +1,77 @@
+"""The simplest engine: batched `transformers` `generate` on the policy model itself."""
+
+from __future__ import annotations
+
+import torch
+
+from reasonrl.rollout.base import RolloutOutput, SamplingParams
+
+
+class HFEngine:
+    """Generates with the trainer's own model, so `load_weights` has nothing to copy."""
+
+    def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 64):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = set(eos_token_ids)
+        self.batch_size = batch_size
+
+    def load_weights(self, named_tensors) -> None:
+        """The policy and the engine share parameters: nothing to do."""
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, params: SamplingParams, max_new_tokens, logits_processors=None) -> RolloutOutput:
+        if len(max_new_tokens) != len(prompt_ids):
+            raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(prompt_ids)} prompts")
+        rows = [(ids, budget) for ids, budget in zip(prompt_ids, max_new_tokens) for _ in range(params.n)]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        out = RolloutOutput([], [], [])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                self._generate_chunk(rows[start : start + self.batch_size], params, logits_processors, out)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_chunk(self, rows, params, logits_processors, out: RolloutOutput) -> None:
+        width = max(len(ids) for ids, _ in rows)
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=device)
+        attention = torch.zeros_like(input_ids)
+        for i, (ids, _) in enumerate(rows):  # left padding
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        greedy = params.temperature == 0
+        result = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max(budget for _, budget in rows),
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else params.top_k,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=sorted(self.eos_token_ids),
+            logits_processor=logits_processors,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        generated = result.sequences[:, width:]  # [B, T]
+        logits = torch.stack(result.logits, dim=1).float()  # [B, T, V] raw logits
+        scale = 1.0 if greedy else params.temperature
+        token_logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        for i, (_, budget) in enumerate(rows):
+            ids, reason = self._trim(generated[i].tolist(), budget)
+            out.completion_ids.append(ids)
+            out.logprobs.append(token_logp[i, : len(ids)].tolist())
+            out.finish_reasons.append(reason)
+
+    def _trim(self, ids: list[int], budget: int) -> tuple[list[int], str]:
+        """Cut at the first EOS (kept) or at this row's own budget."""
+        for t, token in enumerate(ids[:budget]):
+            if token in self.eos_token_ids:
+                return ids[: t + 1], "stop"
+        return ids[:budget], "length"
