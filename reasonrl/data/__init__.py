@@ -1,0 +1,1 @@
+"""Prompt datasets: synthetic arithmetic, JSONL/Parquet loaders, chat prompt building."""

@@ -1,0 +1,1 @@
+"""Reward functions (answer extraction, matching, combination) for GRPO training."""

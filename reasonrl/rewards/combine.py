@@ -1,0 +1,111 @@
+"""Reward registry and robust weighted combination of reward functions."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from typing import Callable
+
+from reasonrl.rewards.math import accuracy_reward, format_reward
+
+__all__ = ["REWARD_REGISTRY", "resolve_reward", "score_batch"]
+
+logger = logging.getLogger("reasonrl.rewards")
+
+REWARD_REGISTRY: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def resolve_reward(name: str) -> Callable:
+    """Return a reward function by registry name or ``module:function`` path."""
+    if name in REWARD_REGISTRY:
+        return REWARD_REGISTRY[name]
+    if ":" not in name:
+        raise ValueError(
+            f"unknown reward {name!r}; valid choices: {', '.join(sorted(REWARD_REGISTRY))} "
+            "or a 'module:function' import path"
+        )
+    module_name, _, func_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot import reward module {module_name!r} (from {name!r}): {exc}") from exc
+    func = getattr(module, func_name, None)
+    if func is None or not callable(func):
+        raise ValueError(f"reward {name!r}: module {module_name!r} has no callable {func_name!r}")
+    return func
+
+
+def _bad_value(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return True
+
+
+def score_batch(
+    funcs: list[tuple[str, Callable, float]],
+    completions: list[str],
+    columns: dict[str, list],
+    *,
+    strict: bool = False,
+    logged: set[str] | None = None,
+) -> tuple[list[float], list[bool], dict[str, list[float]], int]:
+    """Score ``completions`` with weighted reward functions.
+
+    Returns ``(total, valid, per_func, errors)``. Failing samples are marked
+    invalid (total 0.0); the first error of each function is logged once
+    (per call, or per ``logged`` set when the caller passes a persistent one).
+    """
+    n = len(completions)
+    valid = [True] * n
+    per_func: dict[str, list[float]] = {}
+    errors = 0
+    if logged is None:
+        logged = set()
+
+    def _fail(fname: str, msg: str, *, exc: bool) -> None:
+        if strict:
+            raise RuntimeError(f"reward function {fname!r} failed: {msg}")
+        if fname not in logged:
+            logged.add(fname)
+            (logger.exception if exc else logger.warning)("reward function %r failed: %s", fname, msg)
+
+    for fname, func, _weight in funcs:
+        try:
+            out = func(completions=completions, **columns)
+        except Exception as e:  # noqa: BLE001
+            if strict:
+                raise RuntimeError(f"reward function {fname!r} raised {type(e).__name__}: {e}") from e
+            errors += 1
+            _fail(fname, f"raised {type(e).__name__}: {e}", exc=True)
+            per_func[fname] = [float("nan")] * n
+            valid = [False] * n
+            continue
+        out = list(out) if out is not None else None
+        if out is None or len(out) != n:
+            errors += 1
+            got = "None" if out is None else len(out)
+            _fail(fname, f"returned {got} values for {n} completions", exc=False)
+            per_func[fname] = [float("nan")] * n
+            valid = [False] * n
+            continue
+        values: list[float] = []
+        bad = [i for i, v in enumerate(out) if _bad_value(v)]
+        if bad:
+            errors += 1
+            _fail(fname, f"returned NaN/None for samples {bad}", exc=False)
+        for i, v in enumerate(out):
+            if i in bad:
+                valid[i] = False
+                values.append(float("nan"))
+            else:
+                values.append(float(v))
+        per_func[fname] = values
+
+    total = [
+        sum(w * per_func[fname][i] for fname, _f, w in funcs) if valid[i] else 0.0 for i in range(n)
+    ]
+    return total, valid, per_func, errors

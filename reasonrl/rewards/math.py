@@ -1,0 +1,125 @@
+"""Math answer extraction, comparison and TRL-style reward functions."""
+
+from __future__ import annotations
+
+import math
+import re
+
+__all__ = ["extract_answer", "normalize_answer", "answers_match", "accuracy_reward", "format_reward"]
+
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_FORMAT_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\.?\s*$")
+_MODES = ("hash", "boxed", "last_number", "lenient")
+
+
+def normalize_answer(text: str) -> str:
+    """Strip whitespace, commas, '$', trailing '.'; turn '12.0' into '12'."""
+    s = text.strip().replace(",", "").replace("$", "").strip()
+    s = s.rstrip(".").strip()
+    try:
+        value = float(s)
+    except ValueError:
+        return s
+    if math.isfinite(value) and re.fullmatch(r"-?\d+\.0*", s):
+        return s.split(".")[0]
+    return s
+
+
+def _extract_hash(text: str) -> str | None:
+    if "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip()
+    if not tail:
+        return None
+    return tail.splitlines()[0].strip() or None
+
+
+def _extract_boxed(text: str) -> str | None:
+    idx = text.rfind("\\boxed{")
+    if idx < 0:
+        return None
+    start = idx + len("\\boxed{")
+    depth = 1
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i].strip()
+    return None  # unbalanced
+
+
+def _extract_last_number(text: str) -> str | None:
+    matches = _NUMBER_RE.findall(text)
+    if not matches:
+        return None
+    return matches[-1]
+
+
+def extract_answer(text: str, *, mode: str = "lenient") -> str | None:
+    """Extract the final answer from ``text``; ``None`` when nothing is found."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown extraction mode {mode!r}; valid: {', '.join(_MODES)}")
+    if text is None:
+        return None
+    if mode == "hash":
+        raw = _extract_hash(text)
+    elif mode == "boxed":
+        raw = _extract_boxed(text)
+    elif mode == "last_number":
+        raw = _extract_last_number(text)
+    else:
+        raw = _extract_hash(text)
+        if raw is None:
+            raw = _extract_boxed(text)
+        if raw is None:
+            raw = _extract_last_number(text)
+    if raw is None:
+        return None
+    out = normalize_answer(raw)
+    return out or None
+
+
+def _to_float(s: str) -> float | None:
+    try:
+        v = float(normalize_answer(s))
+    except (ValueError, TypeError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def answers_match(pred: str | None, gold: str) -> bool:
+    """Numeric comparison (1e-6 relative), else math_verify, else string equality."""
+    if pred is None or gold is None:
+        return False
+    p, g = _to_float(pred), _to_float(gold)
+    if p is not None and g is not None:
+        return math.isclose(p, g, rel_tol=1e-6, abs_tol=1e-12)
+    try:
+        from math_verify import parse, verify
+
+        def _wrap(s: str) -> str:
+            s = s.strip()
+            return s if "$" in s or "\\boxed" in s else f"${s}$"
+
+        gp, pp = parse(_wrap(gold)), parse(_wrap(pred))
+        if gp and pp and verify(gp, pp):
+            return True
+    except Exception:  # noqa: BLE001 - math_verify is best-effort
+        pass
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
+def accuracy_reward(completions: list[str], answer: list[str], *, mode: str = "lenient", **kwargs) -> list[float]:
+    """1.0 where the extracted answer matches the gold ``answer`` column, else 0.0."""
+    return [
+        1.0 if answers_match(extract_answer(c, mode=mode), str(a)) else 0.0
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def format_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion ends with '#### <number>' (trailing space/period ok)."""
+    return [1.0 if isinstance(c, str) and _FORMAT_RE.search(c) else 0.0 for c in completions]

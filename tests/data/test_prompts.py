@@ -1,0 +1,62 @@
+import json
+from itertools import islice
+
+import pytest
+
+from reasonrl.data.prompts import DataError, arithmetic_rows, build_prompt, load_jsonl_rows
+
+GSM8K = "/work/shared/data/gsm8k/test.jsonl"
+
+
+def test_arithmetic_deterministic_and_correct():
+    a = arithmetic_rows(20, seed=3, digits=3, operands=3)
+    assert a == arithmetic_rows(20, seed=3, digits=3, operands=3)
+    assert a != arithmetic_rows(20, seed=4, digits=3, operands=3)
+    for row in a:
+        toks = row["question"].split()
+        assert len(toks) == 5
+        assert all(100 <= int(t) <= 999 for t in toks[::2])
+        assert all(op in "+-*" for op in toks[1::2])
+        assert int(row["answer"]) == eval(row["question"])
+    assert all("*" in r["question"] for r in arithmetic_rows(5, seed=0, operators="*"))
+
+
+def test_gsm8k_sample(tmp_path):
+    try:
+        with open(GSM8K) as f:
+            lines = list(islice(f, 3))
+    except FileNotFoundError:
+        pytest.skip("gsm8k not available")
+    p = tmp_path / "g.jsonl"
+    p.write_text("".join(lines))
+    rows = load_jsonl_rows(p)
+    assert len(rows) == 3 and rows[0]["answer"] == "18"
+    raw = load_jsonl_rows(p, answer_mode="raw")
+    assert "####" in raw[0]["answer"] and raw[0]["question"] == rows[0]["question"]
+
+
+def test_hash_strips_commas_and_custom_keys(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"q": "Q?", "a": "work\n#### 1,234"}) + "\n\n")
+    assert load_jsonl_rows(p, question_key="q", answer_key="a") == [{"question": "Q?", "answer": "1234"}]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["{not json", json.dumps({"question": "q"}), json.dumps({"question": 5, "answer": "#### 1"})],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, bad):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "ok", "answer": "#### 1"}) + "\n" + bad + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        load_jsonl_rows(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl"):
+        load_jsonl_rows(tmp_path / "nope.jsonl")
+
+
+def test_build_prompt():
+    msgs = build_prompt("1 + 1", "Solve: {question}\nEnd with '#### <answer>'.")
+    assert msgs == [{"role": "user", "content": "Solve: 1 + 1\nEnd with '#### <answer>'."}]
