@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["DataError", "arithmetic_rows", "load_jsonl_rows", "build_prompt"]
+__all__ = ["DataError", "arithmetic_rows", "build_prompt", "load_jsonl_rows"]
 
 
 class DataError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from reasonrl.rewards.math import accuracy_reward, format_reward
 
@@ -28,7 +28,7 @@ def resolve_reward(name: str) -> Callable:
     module_name, _, func_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ValueError(f"cannot import reward module {module_name!r} (from {name!r}): {exc}") from exc
     func = getattr(module, func_name, None)
     if func is None or not callable(func):
@@ -76,7 +76,7 @@ def score_batch(
     for fname, func, _weight in funcs:
         try:
             out = func(completions=completions, **columns)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if strict:
                 raise RuntimeError(f"reward function {fname!r} raised {type(e).__name__}: {e}") from e
             errors += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["extract_answer", "normalize_answer", "answers_match", "accuracy_reward", "format_reward"]
+__all__ = ["accuracy_reward", "answers_match", "extract_answer", "format_reward", "normalize_answer"]
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _FORMAT_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\.?\s*$")

@@ -1,0 +1,1 @@
+"""RL math: GRPO advantages and policy-gradient losses."""
