@@ -60,3 +60,18 @@ def test_missing_file(tmp_path):
 def test_build_prompt():
     msgs = build_prompt("1 + 1", "Solve: {question}\nEnd with '#### <answer>'.")
     assert msgs == [{"role": "user", "content": "Solve: 1 + 1\nEnd with '#### <answer>'."}]
+
+
+def test_parquet_rows_and_malformed_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    from datasets import Dataset
+
+    good = tmp_path / "good.parquet"
+    Dataset.from_dict({"q": ["1 + 1", "2 * 3"], "a": ["x #### 2", "y #### 6"]}).to_parquet(str(good))
+    rows = load_jsonl_rows(good, question_key="q", answer_key="a")
+    assert rows == [{"question": "1 + 1", "answer": "2"}, {"question": "2 * 3", "answer": "6"}]
+
+    bad = tmp_path / "bad.parquet"
+    Dataset.from_dict({"question": ["1 + 1", None], "answer": ["#### 2", "#### 3"]}).to_parquet(str(bad))
+    with pytest.raises(DataError, match=r"bad.parquet:row 1"):
+        load_jsonl_rows(bad)
