@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from reasonrl.rl.losses import token_logprobs_and_entropy
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
 
 
@@ -60,9 +61,10 @@ class HFEngine:
             return_dict_in_generate=True,
         )
         generated = result.sequences[:, width:]  # [B, T]
-        logits = torch.stack(result.logits, dim=1).float()  # [B, T, V] raw logits
-        scale = 1.0 if greedy else params.temperature
-        token_logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        logits = torch.stack(result.logits, dim=1)  # [B, T, V] raw logits
+        token_logp, _ = token_logprobs_and_entropy(
+            logits, generated, temperature=1.0 if greedy else params.temperature
+        )  # [B, T], chunked: no full-size log-softmax
         for i, (_, budget) in enumerate(rows):
             ids, reason = self._trim(generated[i].tolist(), budget)
             out.completion_ids.append(ids)
