@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def choice(default, choices, doc=""):
-    """A field restricted to `choices` (checked by `validate`)."""
+    """A field restricted to `choices` (checked by `_validate_choices` in `load_config`)."""
     return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
 
 

@@ -92,18 +92,13 @@ def score_batch(
             per_func[fname] = [float("nan")] * n
             valid = [False] * n
             continue
-        values: list[float] = []
         bad = [i for i, v in enumerate(out) if _bad_value(v)]
         if bad:
             errors += 1
             _fail(fname, f"returned NaN/None for samples {bad}", exc=False)
-        for i, v in enumerate(out):
-            if i in bad:
-                valid[i] = False
-                values.append(float("nan"))
-            else:
-                values.append(float(v))
-        per_func[fname] = values
+        for i in bad:
+            valid[i] = False
+        per_func[fname] = [float("nan") if _bad_value(v) else float(v) for v in out]
 
     total = [
         sum(w * per_func[fname][i] for fname, _f, w in funcs) if valid[i] else 0.0 for i in range(n)
