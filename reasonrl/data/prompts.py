@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["DataError", "arithmetic_rows", "build_prompt", "load_jsonl_rows"]
+__all__ = ["DataError", "arithmetic_rows", "build_prompt", "encode_prompt", "load_jsonl_rows"]
 
 
 class DataError(ValueError):
@@ -94,3 +94,9 @@ def load_jsonl_rows(
 def build_prompt(question: str, template: str) -> list[dict]:
     """Chat messages for one question: a single user turn from ``template``."""
     return [{"role": "user", "content": template.format(question=question)}]
+
+
+def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant turn's header."""
+    text = tokenizer.apply_chat_template(build_prompt(question, template), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

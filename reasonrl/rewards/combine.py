@@ -7,13 +7,17 @@ import logging
 import math
 from collections.abc import Callable
 
-from reasonrl.rewards.math import accuracy_reward, format_reward
+from reasonrl.rewards.math import accuracy_reward, closeness_reward, format_reward
 
 __all__ = ["REWARD_REGISTRY", "resolve_reward", "score_batch"]
 
 logger = logging.getLogger("reasonrl.rewards")
 
-REWARD_REGISTRY: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+REWARD_REGISTRY: dict[str, Callable] = {
+    "accuracy": accuracy_reward,
+    "closeness": closeness_reward,
+    "format": format_reward,
+}
 
 
 def resolve_reward(name: str) -> Callable:

@@ -1,0 +1,75 @@
+"""Train/eval prompt rows for a recipe's `data` section."""
+
+from __future__ import annotations
+
+from reasonrl.data.prompts import DataError, arithmetic_rows, load_jsonl_rows
+
+__all__ = ["load_task_rows"]
+
+# Eval problems are drawn from a different seed stream than training ones, then de-duplicated against them.
+_EVAL_SEED_OFFSET = 1_000_003
+
+
+def _arithmetic_split(cfg) -> tuple[list[dict], list[dict]]:
+    kwargs = {"digits": cfg.digits, "operators": cfg.operators}
+    train = arithmetic_rows(cfg.num_train, seed=cfg.seed, **kwargs)
+    seen = {row["question"] for row in train}
+    eval_rows, draw = [], 0
+    while len(eval_rows) < cfg.num_eval:
+        batch = arithmetic_rows(cfg.num_eval, seed=cfg.seed + _EVAL_SEED_OFFSET + draw, **kwargs)
+        eval_rows += [row for row in batch if row["question"] not in seen][: cfg.num_eval - len(eval_rows)]
+        draw += 1
+        if draw > 50:
+            raise DataError("cannot draw enough held-out arithmetic problems; lower data.num_eval or raise digits")
+    return train, eval_rows
+
+
+def _file_rows(cfg, path: str) -> list[dict]:
+    return load_jsonl_rows(path, question_key=cfg.question_key, answer_key=cfg.answer_key, answer_mode=cfg.answer_mode)
+
+
+def _file_split(cfg) -> tuple[list[dict], list[dict]]:
+    if not cfg.path:
+        raise DataError(f"data.source={cfg.source} needs data.path")
+    rows = _file_rows(cfg, cfg.path)
+    if cfg.eval_path:
+        train, eval_rows = rows, _file_rows(cfg, cfg.eval_path)
+    else:  # hold out the last num_eval rows of the file
+        if len(rows) <= cfg.num_eval:
+            raise DataError(f"{cfg.path} has {len(rows)} rows: too few to hold out data.num_eval={cfg.num_eval}")
+        train, eval_rows = rows[: -cfg.num_eval], rows[-cfg.num_eval :]
+    return train[: cfg.num_train] if cfg.num_train > 0 else train, eval_rows[: cfg.num_eval]
+
+
+def _hub_split(cfg) -> tuple[list[dict], list[dict]]:
+    import datasets
+
+    if not cfg.path:
+        raise DataError("data.source=hub needs data.path (a dataset name as in datasets.load_dataset)")
+
+    def load(split: str) -> list[dict]:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split)
+        missing = {cfg.question_key, cfg.answer_key} - set(ds.column_names)
+        if missing:
+            raise DataError(f"{cfg.path}[{split}] has no column(s) {sorted(missing)}; columns: {ds.column_names}")
+        out = []
+        for i, row in enumerate(ds):
+            answer = str(row[cfg.answer_key])
+            if cfg.answer_mode == "hash":
+                if "####" not in answer:
+                    raise DataError(f"{cfg.path}[{split}] row {i}: answer has no '####'")
+                answer = answer.rsplit("####", 1)[-1].strip().replace(",", "")
+            out.append({"question": str(row[cfg.question_key]), "answer": answer})
+        return out
+
+    train, eval_rows = load(cfg.train_split), load(cfg.eval_split)
+    return train[: cfg.num_train] if cfg.num_train > 0 else train, eval_rows[: cfg.num_eval]
+
+
+def load_task_rows(cfg) -> tuple[list[dict], list[dict]]:
+    """(train_rows, eval_rows), each row {"question", "answer"}; sources: arithmetic, jsonl/parquet files, hub."""
+    if cfg.source == "arithmetic":
+        return _arithmetic_split(cfg)
+    if cfg.source in ("jsonl", "parquet"):
+        return _file_split(cfg)
+    return _hub_split(cfg)

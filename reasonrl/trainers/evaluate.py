@@ -1,0 +1,29 @@
+"""Greedy accuracy on held-out problems, shared by the trainer's periodic eval and `reasonrl eval`."""
+
+from __future__ import annotations
+
+from reasonrl.data.prompts import encode_prompt
+from reasonrl.rewards.math import accuracy_reward
+from reasonrl.rollout.base import SamplingParams
+
+
+def greedy_accuracy(
+    engine, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, answer_mode: str = "lenient"
+) -> dict:
+    """Returns {"correct", "n", "tokens", "samples"}: counts, so ranks can sum them before dividing."""
+    if not rows:
+        return {"correct": 0.0, "n": 0.0, "tokens": 0.0, "samples": []}
+    prompts = [encode_prompt(tokenizer, row["question"], template) for row in rows]
+    out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0), [max_new_tokens] * len(prompts))
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    scores = accuracy_reward(texts, [row["answer"] for row in rows], mode=answer_mode)
+    samples = [
+        {"question": row["question"], "answer": row["answer"], "completion": text, "correct": score}
+        for row, text, score in zip(rows, texts, scores)
+    ]
+    return {
+        "correct": float(sum(scores)),
+        "n": float(len(rows)),
+        "tokens": float(sum(len(ids) for ids in out.completion_ids)),
+        "samples": samples,
+    }

@@ -1,0 +1,102 @@
+"""The real entry point on the tiny model: learning changes every parameter, and resume repeats the next step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reasonrl.trainers import grpo
+from reasonrl.trainers.checkpoint import latest_checkpoint, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def overrides(model_dir, out_dir, steps, **extra):
+    base = {
+        "model.name_or_path": model_dir, "data.num_train": 32, "data.num_eval": 4,
+        "rewards": "[{name: 'rewards_for_tests:digit_count'}]",
+        "rollout.group_size": 4, "rollout.prompts_per_step": 2, "rollout.max_new_tokens": 6,
+        "optim.lr": 1e-3, "optim.micro_batch_size": 3, "trainer.steps": steps, "trainer.output_dir": str(out_dir),
+        "trainer.save_every": 1, "trainer.keep_last": 5, "trainer.eval_every": 0, "trainer.eval_max_new_tokens": 4,
+        "logging.wandb_mode": "offline",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def history(out_dir):
+    return {row["step"]: row for row in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_training_changes_every_parameter_and_logs_everything(tiny_model_dir, tmp_path):
+    assert grpo.main(overrides(tiny_model_dir, tmp_path, 2)) == 0
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    after = load_file(str(latest_checkpoint(tmp_path) / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+    rows = history(tmp_path)
+    assert set(rows) == {0, 1, 2}  # eval at step 0, then two training steps
+    for key in ("reward/mean", "reward/zero_std_frac", "completion/len_mean", "completion/clipped_frac",
+                "policy/entropy", "clip/low_frac", "clip/high_frac", "loss/policy", "optim/grad_norm", "optim/lr",
+                "time/generate", "time/score", "time/train", "throughput/gen_tokens_per_s",
+                "reward/rewards_for_tests:digit_count", "eval/accuracy"):
+        assert key in rows[2], key
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "eval_results.json").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # an offline W&B run was written
+
+
+def test_resume_reproduces_the_next_step(tiny_model_dir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert grpo.main(overrides(tiny_model_dir, full, 3)) == 0
+    assert grpo.main(overrides(tiny_model_dir, cut, 2)) == 0  # "killed" after step 2's checkpoint
+    assert grpo.main(overrides(tiny_model_dir, cut, 3, **{"trainer.resume": "auto"})) == 0
+    a, b = history(full)[3], history(cut)[3]
+    assert b["loss/policy"] == pytest.approx(a["loss/policy"], rel=1e-5, abs=1e-7)
+    assert b["reward/mean"] == a["reward/mean"]  # the same prompts and samples: data position restored
+    assert [p.name for p in list_checkpoints(cut)] == ["step-000001", "step-000002", "step-000003"]
+
+
+def test_bad_config_fails_before_loading_anything(tmp_path, capsys):
+    assert grpo.main(["trainer.stepz=3"]) == 2
+    assert "trainer.stepz" in capsys.readouterr().err
+    assert grpo.main(["rollout.engine=tgi"]) == 2
+    assert "choose one of" in capsys.readouterr().err
+
+
+def test_invalid_combinations_are_rejected(tiny_model_dir, tmp_path):
+    from reasonrl.config import ConfigError, load_config
+
+    for bad in (["rollout.group_size=1"], ["rewards=[{name: nonexistent}]"], ["rollout.temperature=0"]):
+        with pytest.raises(ConfigError):
+            grpo.validate(load_config(None, bad), world_size=1)
+    with pytest.raises(ConfigError, match="multiple of the number of processes"):
+        grpo.validate(load_config(None, ["rollout.prompts_per_step=3"]), world_size=2)
+
+
+def test_missing_model_names_the_fix(tmp_path):
+    from reasonrl.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        grpo.main(overrides(str(tmp_path / "nope"), tmp_path / "run", 1))
+
+
+def test_a_raising_reward_is_counted_and_the_run_continues(tiny_model_dir, tmp_path):
+    rewards = "[{name: 'rewards_for_tests:always_raises'}, {name: 'rewards_for_tests:digit_count'}]"
+    assert grpo.main(overrides(tiny_model_dir, tmp_path, 1, rewards=rewards)) == 0
+    row = history(tmp_path)[1]
+    assert row["reward/errors"] == 1 and row["reward/invalid"] == 8 and row["train/skipped"] == 1
+
+
+def test_reasonrl_eval_prints_one_json_line(tiny_model_dir, tmp_path):
+    assert grpo.main(overrides(tiny_model_dir, tmp_path, 1)) == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "reasonrl.cli", "eval", str(tmp_path), "--n", "3", "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout.strip().splitlines()[-1]
+    result = json.loads(out)
+    assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0 and result["model"].endswith("model")
