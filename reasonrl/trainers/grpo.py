@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     random.seed(config.trainer.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file weight loading bars drown the training progress bar
     GRPOTrainer(config).run()
     return 0
 

@@ -22,7 +22,8 @@ def tiny_model(seed=0):
 
 def make_batch(seed=0, rows=6, width=5):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 40, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (rows,), generator=g)]
+    groups = [torch.randint(1, 40, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (rows // 2,), generator=g)]
+    prompts = [p for p in groups for _ in range(2)]  # two samples per prompt, as GRPO groups share prompts
     lengths = torch.randint(1, width + 1, (rows,), generator=g)
     ids = torch.randint(1, 40, (rows, width), generator=g)
     mask = torch.arange(width)[None] < lengths[:, None]
