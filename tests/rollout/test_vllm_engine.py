@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 # fp32 on both sides; measured max |difference| of log-probs: ~5e-5 (different GEMM kernels and summation order).
 LOGP_ATOL = 2e-4
+STARTUP = {}  # what the engine fixture saw of the process state around start-up
 QUESTIONS = [
     "What is 37+45? Put the final answer after '####'.",
     "Name a color.",
@@ -60,8 +61,14 @@ def engine(model_path):
     _import_vllm_or_skip()
     from reasonrl.rollout.vllm_engine import VLLMEngine
 
+    set_num_threads = torch.set_num_threads
+    torch.manual_seed(1234)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(1234)
     # An explicit KV size keeps start-up independent of what else the test process holds (and skips a warm-up run).
     engine = VLLMEngine(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30)
+    STARTUP["rng_kept"] = torch.equal(torch.rand(1), expected_draw)
+    STARTUP["set_num_threads_kept"] = torch.set_num_threads is set_num_threads
     yield engine
     engine.close()
 
@@ -240,3 +247,8 @@ def test_sleep_and_wake_up_keep_the_engine_usable(engine, prompts):
     engine.sleep()  # a no-op on CPU; on CUDA level 1 offloads the weights to host memory and drops the KV cache
     engine.wake_up()
     assert greedy(engine, prompts[:1], budget=8).completion_ids == before.completion_ids
+
+
+def test_start_up_leaves_the_trainers_process_state_alone(engine):
+    """vLLM's worker reseeds the global RNGs and (on CPU) stubs out torch.set_num_threads; the engine undoes both."""
+    assert STARTUP == {"rng_kept": True, "set_num_threads_kept": True}
