@@ -25,5 +25,5 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
     if rollout_cfg.engine == "vllm":
         from reasonrl.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, dtype=model_dtype, seed=seed)
+        return VLLMEngine(model_path, dtype=model_dtype, seed=seed, eos_token_ids=eos_token_ids(tokenizer, model))
     raise NotImplementedError(f"rollout.engine={rollout_cfg.engine!r} is not available yet")
