@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import random
 import sys
@@ -273,7 +274,7 @@ class GRPOTrainer:
         if show:
             summary = {"eval_history": self.eval_history, "steps": self.step, "num_processes": self.acc.num_processes,
                        "ranks_identical": in_sync}
-            (self.out_dir / "eval_results.json").write_text(__import__("json").dumps(summary, indent=2))
+            (self.out_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
             if self.eval_history:
                 first, final = self.eval_history[0], self.eval_history[-1]
                 tqdm.write(f"greedy accuracy: step {first['step']} {first['accuracy']:.1%} -> "
