@@ -36,7 +36,7 @@ def _hash_answer(text: str) -> str:
     return text.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
-def _check_row(row, where: str, question_key: str, answer_key: str, answer_mode: str) -> dict:
+def check_row(row, where: str, question_key: str, answer_key: str, answer_mode: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: row is not a JSON object")
     for key in (question_key, answer_key):
@@ -74,7 +74,7 @@ def load_jsonl_rows(
 
         ds = load_dataset("parquet", data_files=str(path), split="train")
         for idx, row in enumerate(ds):
-            rows.append(_check_row(row, f"{path}:row {idx}", question_key, answer_key, answer_mode))
+            rows.append(check_row(row, f"{path}:row {idx}", question_key, answer_key, answer_mode))
     else:
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
@@ -85,7 +85,7 @@ def load_jsonl_rows(
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg})") from e
-                rows.append(_check_row(row, where, question_key, answer_key, answer_mode))
+                rows.append(check_row(row, where, question_key, answer_key, answer_mode))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reasonrl.data.prompts import DataError, arithmetic_rows, load_jsonl_rows
+from reasonrl.data.prompts import DataError, arithmetic_rows, check_row, load_jsonl_rows
 
 __all__ = ["load_task_rows"]
 
@@ -52,15 +52,11 @@ def _hub_split(cfg) -> tuple[list[dict], list[dict]]:
         missing = {cfg.question_key, cfg.answer_key} - set(ds.column_names)
         if missing:
             raise DataError(f"{cfg.path}[{split}] has no column(s) {sorted(missing)}; columns: {ds.column_names}")
-        out = []
-        for i, row in enumerate(ds):
-            answer = str(row[cfg.answer_key])
-            if cfg.answer_mode == "hash":
-                if "####" not in answer:
-                    raise DataError(f"{cfg.path}[{split}] row {i}: answer has no '####'")
-                answer = answer.rsplit("####", 1)[-1].strip().replace(",", "")
-            out.append({"question": str(row[cfg.question_key]), "answer": answer})
-        return out
+        where = f"{cfg.path}[{split}]:row"
+        return [
+            check_row(row, f"{where} {i}", cfg.question_key, cfg.answer_key, cfg.answer_mode)
+            for i, row in enumerate(ds)
+        ]
 
     train, eval_rows = load(cfg.train_split), load(cfg.eval_split)
     return train[: cfg.num_train] if cfg.num_train > 0 else train, eval_rows[: cfg.num_eval]

@@ -15,8 +15,11 @@ def prompts_for_step(num_rows: int, *, step: int, per_step: int, seed: int) -> l
     """Row indices of `step` (0-based): consecutive slices of per-epoch shuffles, wrapping across epochs."""
     if num_rows < 1:
         raise ValueError("no training rows")
+    orders: dict[int, list[int]] = {}  # a step spans at most a few epochs: shuffle each once
     out = []
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(position, num_rows)
-        out.append(epoch_permutation(num_rows, seed, epoch)[offset])
+        if epoch not in orders:
+            orders[epoch] = epoch_permutation(num_rows, seed, epoch)
+        out.append(orders[epoch][offset])
     return out
