@@ -15,6 +15,12 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor | None  # [N, T]
     finish_reasons: list[str]
     group_size: int
+    loss_mask: torch.Tensor | None = None  # bool [N, T] tokens that count in the loss (None: completion_mask)
+    rollout_entropy: torch.Tensor | None = None  # [N, T] entropy at T=1 of the sampling policy, when the engine has it
+
+    def trained_mask(self) -> torch.Tensor:
+        """Tokens whose loss counts. A subset of completion_mask, which stays the model's input (attention)."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask & self.completion_mask
 
     @property
     def num_rows(self) -> int:
@@ -35,4 +41,30 @@ class RolloutBatch:
             rollout_logprobs=None if self.rollout_logprobs is None else self.rollout_logprobs[idx],
             finish_reasons=[self.finish_reasons[i] for i in rows],
             group_size=self.group_size,
+            loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
+            rollout_entropy=None if self.rollout_entropy is None else self.rollout_entropy[idx],
         )
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Rows of several batches (same group size) in order; completions right-padded to the widest."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    width = max(b.completion_ids.shape[1] for b in batches)
+
+    def padded(name: str, fill):
+        parts = [getattr(b, name) for b in batches]
+        if any(t is None for t in parts):
+            return None
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in parts])
+
+    return RolloutBatch(
+        prompt_ids=[p for b in batches for p in b.prompt_ids],
+        completion_ids=padded("completion_ids", 0),
+        completion_mask=padded("completion_mask", False),
+        rollout_logprobs=padded("rollout_logprobs", 0.0),
+        finish_reasons=[r for b in batches for r in b.finish_reasons],
+        group_size=batches[0].group_size,
+        loss_mask=padded("loss_mask", False),
+        rollout_entropy=padded("rollout_entropy", 0.0),
+    )

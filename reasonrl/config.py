@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -70,14 +70,90 @@ class RolloutConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch with new prompts."""
+
+    enabled: bool = False
+    max_gen_batches: int = 3  # generation rounds per step, the first included (0 = unlimited)
+    on_shortfall: str = choice("train", ["train", "fail"], "train on the groups found, or raise")
+    metric: str = "reward"  # "reward" (weighted total) or the name of one reward function, e.g. accuracy
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO soft overlong punishment, added to the reward, and masking of truncated completions."""
+
+    penalty: bool = False
+    buffer: int = 8  # the penalty ramps from 0 to -factor over the last `buffer` tokens of max_new_tokens
+    factor: float = 1.0
+    mask_truncated: bool = False  # completions cut by max_new_tokens get no loss (their reward still counts)
+
+
+@dataclass
+class HapoConfig:
+    """HAPO's token-level parts (algorithms.md 1); token-level group-average advantages: algorithm.advantage=hapo."""
+
+    sign_mode: str = choice("paper", ["paper", "released_code"])
+    entropy_pivot: float = 0.8
+    adaptive_temperature: bool = False
+    temperature_tau: float = 0.05
+    adaptive_clip: bool = False
+    clip_alpha: float = 1.0
+    redistribution: bool = False
+    adv_beta: float = 1.0
+    fallback_threshold: float = 5.0  # |A| at which a group falls back to the GRPO advantage
+
+
+@dataclass
+class D3SConfig:
+    """D3S down-sampling; a keep fraction of 1.0 turns its level off."""
+
+    sample_keep_start: float = 1.0  # fraction of rollouts kept at step 0 (maximum advantage variance)
+    sample_scope: str = choice("intra", ["intra", "cross"])
+    token_keep_start: float = 1.0  # fraction of tokens kept at step 0 (largest |A| x entropy)
+    token_scope: str = choice("batch", ["batch", "sequence"])
+    keep_end: float = 1.0
+    schedule: str = choice("linear", ["linear", "cosine", "step"])
+    ramp_fraction: float = 0.5  # both fractions reach keep_end at ramp_fraction * trainer.steps
+    min_keep: int = 2
+
+
+@dataclass
 class AlgorithmConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    advantage: str = choice("grpo", ["grpo", "dr_grpo", "rloo", "hapo"])
     std_eps: float = 1e-4
     unbiased_std: bool = True
     scale_rewards: str = choice("group", ["group", "batch", "none"])
+    loss_agg: str = choice(
+        "token_mean", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "constant"]
+    )
+    loss_norm_constant: int | None = None  # for seq_mean_token_sum_norm / constant; default rollout.max_new_tokens
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = None  # c > 1: caps the loss of negative-advantage tokens at -A * c
     kl_coef: float = 0.0
+    kl_estimator: str = choice("k3", ["k1", "k2", "k3"])
+    kl_in: str = choice("loss", ["loss", "reward"])
+    entropy_coef: float = 0.0
     num_iterations: int = 1
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    hapo: HapoConfig = field(default_factory=HapoConfig)
+    d3s: D3SConfig = field(default_factory=D3SConfig)
+
+
+@dataclass
+class PowerConfig:
+    """Power scheduler (algorithms.md 6): lr = min(optim.lr, batch * a * tokens^b), from the tokens trained on."""
+
+    a: float | None = None  # None: solved so that the power law equals optim.lr at ref_tokens
+    b: float = -0.51
+    ref_tokens: int = 100_000
+    warmup_tokens: int = 0
+    decay_tokens: int = 0
+    total_tokens: int | None = None  # needed when decay_tokens > 0
+    decay: str = choice("exponential", ["exponential", "linear", "cosine"])
+    final_factor: float = 0.0
 
 
 @dataclass
@@ -86,7 +162,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    schedule: str = choice("constant", ["constant", "cosine"])
+    schedule: str = choice("constant", ["constant", "cosine", "wsd", "power"])
+    decay_steps: int = 0  # wsd: the last decay_steps steps decay to final_factor
+    decay: str = choice("exponential", ["exponential", "linear", "cosine"])  # wsd decay shape
+    final_factor: float = 0.0  # wsd
+    power: PowerConfig = field(default_factory=PowerConfig)
     micro_batch_size: int = 16
 
 
@@ -137,14 +217,30 @@ def _validate_choices(obj, prefix: str = "") -> None:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
 
 
+def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+    """The YAML layers of a recipe, parents first: a recipe may start from another with `base: other.yaml`
+    (a path relative to the recipe's folder); its own keys then override the parent's."""
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"recipe {path} inherits from itself via 'base' ({' -> '.join(str(p) for p in seen)})")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [layer]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another recipe, got {base!r}")
+    return [*_recipe_layers(path.parent / base, (*seen, path)), layer]
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
     """Merge schema, recipe YAML and `a.b=c` overrides into a validated `RecipeConfig`."""
     merged = OmegaConf.structured(RecipeConfig)
     try:
         if recipe is not None:
-            if not Path(recipe).is_file():
-                raise ConfigError(f"recipe file {recipe} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(recipe))
+            for layer in _recipe_layers(Path(recipe)):
+                merged = OmegaConf.merge(merged, layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")

@@ -7,12 +7,23 @@ from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class AdaptiveTemperature:
+    """HAPO adaptive temperature sampling: T_t = temperature * (1 + tau * h_hat(entropy of the token's logits)),
+    with h_hat from the previous step's entropy statistics (`reasonrl.rl.hapo.EntropyStats.to_list()`)."""
+
+    stats: tuple[float, ...]
+    tau: float
+    sign_mode: str = "paper"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # completions per prompt, returned consecutively
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     seed: int | None = None
+    adaptive_temperature: AdaptiveTemperature | None = None
 
 
 @dataclass
@@ -22,6 +33,7 @@ class RolloutOutput:
     completion_ids: list[list[int]]
     logprobs: list[list[float]]  # log-prob of each sampled token under the sampling distribution
     finish_reasons: list[str]  # "stop" (EOS) or "length" (hit its max_new_tokens)
+    entropies: list[list[float]] | None = None  # per-token entropy at T=1 of the sampling policy, if the engine has it
 
 
 @runtime_checkable

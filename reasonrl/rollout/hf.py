@@ -11,8 +11,10 @@ from reasonrl.rollout.base import RolloutOutput, SamplingParams
 class HFEngine:
     """Generates with the trainer's own model, so `load_weights` has nothing to copy."""
 
-    def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 64):
+    def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 64,
+                 return_entropy: bool = False):
         self.model = model
+        self.return_entropy = return_entropy  # token entropies at T=1 come free with the logits (HAPO, D3S use them)
         self.pad_token_id = pad_token_id
         self.eos_token_ids = set(eos_token_ids)
         self.batch_size = batch_size
@@ -27,7 +29,7 @@ class HFEngine:
         rows = [(ids, budget) for ids, budget in zip(prompt_ids, max_new_tokens) for _ in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        out = RolloutOutput([], [], [])
+        out = RolloutOutput([], [], [], [] if self.return_entropy else None)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -46,6 +48,8 @@ class HFEngine:
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention[i, width - len(ids) :] = 1
         greedy = params.temperature == 0
+        if params.adaptive_temperature is not None and not greedy:
+            logits_processors = [*(logits_processors or []), _adaptive_temperature_processor(params)]
         result = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
@@ -65,11 +69,16 @@ class HFEngine:
         token_logp, _ = token_logprobs_and_entropy(
             logits, generated, temperature=1.0 if greedy else params.temperature
         )  # [B, T], chunked: no full-size log-softmax
+        entropy = None
+        if out.entropies is not None:
+            _, entropy = token_logprobs_and_entropy(logits, generated, temperature=1.0)
         for i, (_, budget) in enumerate(rows):
             ids, reason = self._trim(generated[i].tolist(), budget)
             out.completion_ids.append(ids)
             out.logprobs.append(token_logp[i, : len(ids)].tolist())
             out.finish_reasons.append(reason)
+            if entropy is not None:
+                out.entropies.append(entropy[i, : len(ids)].tolist())
 
     def _trim(self, ids: list[int], budget: int) -> tuple[list[int], str]:
         """Cut at the first EOS (kept) or at this row's own budget."""
@@ -77,3 +86,15 @@ class HFEngine:
             if token in self.eos_token_ids:
                 return ids[: t + 1], "stop"
         return ids[:budget], "length"
+
+
+def _adaptive_temperature_processor(params: SamplingParams):
+    """Runs before generate's own temperature division, so it rescales by temperature / T_t."""
+    from reasonrl.rl.hapo import EntropyStats
+    from reasonrl.rollout.adaptive_temperature import AdaptiveTemperatureLogitsProcessor
+
+    spec = params.adaptive_temperature
+    return AdaptiveTemperatureLogitsProcessor(
+        EntropyStats.from_list(list(spec.stats)), tau=spec.tau, base_temperature=params.temperature,
+        sign_mode=spec.sign_mode,
+    )

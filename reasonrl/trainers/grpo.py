@@ -1,4 +1,6 @@
-"""GRPO trainer: generate -> score -> group advantages -> clipped token-mean policy loss, one process or many.
+"""GRPO-family trainer: generate -> score -> shape -> advantages -> down-sample -> policy loss, one process or many.
+
+The algorithm (GRPO, Dr.GRPO, RLOO, DAPO, HAPO, D3S and their parts) is chosen in the recipe's `algorithm` section.
 
 Run it as `accelerate launch -m reasonrl.trainers.grpo --config recipes/X.yaml key=value ...`
 or `reasonrl train recipes/X.yaml key=value ...`.
@@ -26,14 +28,27 @@ from reasonrl.data.prompts import encode_prompt
 from reasonrl.data.tasks import load_task_rows
 from reasonrl.models import load_model, load_tokenizer, resolve_model_path
 from reasonrl.rewards.combine import resolve_reward, score_batch
-from reasonrl.rl.advantages import grpo_advantages
-from reasonrl.rollout.base import SamplingParams
+from reasonrl.rl.advantages import compute_advantages
+from reasonrl.rl.hapo import EntropyStats
+from reasonrl.rl.losses import kl_estimate
+from reasonrl.rl.shaping import kl_reward_penalty
+from reasonrl.rollout.base import AdaptiveTemperature, SamplingParams
 from reasonrl.rollout.factory import build_engine
 from reasonrl.trainers import checkpoint as ckpt
+from reasonrl.trainers.collect import Scored, dynamic_sampling
 from reasonrl.trainers.data_order import prompts_for_step
 from reasonrl.trainers.evaluate import greedy_accuracy
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
-from reasonrl.trainers.step import group_stats, train_on_batch
+from reasonrl.trainers.prepare import (
+    d3s_keep_fractions,
+    d3s_rollout_keep,
+    d3s_token_mask,
+    hapo_entropy_stats,
+    hapo_h_hat,
+    loss_mask_for,
+    shape_rewards,
+)
+from reasonrl.trainers.step import fixed_logprobs, group_stats, train_on_batch
 from reasonrl.trainers.tracking import Tracker
 
 
@@ -60,6 +75,53 @@ def validate(config: RecipeConfig, world_size: int) -> None:
             resolve_reward(spec.name)
         except ValueError as err:
             raise ConfigError(f"rewards: {err}") from err
+    validate_algorithm(config)
+
+
+def validate_algorithm(config: RecipeConfig) -> None:
+    a, r = config.algorithm, config.rollout
+    if a.eps_low < 0 or a.eps_high < 0:
+        raise ConfigError(f"algorithm.eps_low/eps_high must be >= 0, got {a.eps_low}, {a.eps_high}")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to turn it off)")
+    if a.loss_norm_constant is not None and a.loss_norm_constant < 1:
+        raise ConfigError(f"algorithm.loss_norm_constant={a.loss_norm_constant} must be >= 1")
+    if a.advantage == "hapo" and a.scale_rewards == "batch":
+        raise ConfigError("algorithm.advantage=hapo normalizes per group: use scale_rewards=group or none")
+    if a.kl_in == "reward" and a.kl_coef <= 0:
+        raise ConfigError("algorithm.kl_in=reward needs algorithm.kl_coef > 0")
+    ds = a.dynamic_sampling
+    names = [spec.name for spec in config.rewards]
+    if ds.enabled and ds.metric != "reward" and ds.metric not in names:
+        raise ConfigError(f"algorithm.dynamic_sampling.metric={ds.metric!r}: use 'reward' or one of {names}")
+    if ds.max_gen_batches < 0:
+        raise ConfigError("algorithm.dynamic_sampling.max_gen_batches must be >= 0 (0 = unlimited)")
+    if a.overlong.penalty and not 0 < a.overlong.buffer <= r.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong.buffer={a.overlong.buffer} must be in (0, rollout.max_new_tokens]")
+    h = a.hapo
+    if not 0 <= h.temperature_tau < 1:
+        raise ConfigError(f"algorithm.hapo.temperature_tau={h.temperature_tau} must be in [0, 1)")
+    if not 0 < h.entropy_pivot < 1:
+        raise ConfigError(f"algorithm.hapo.entropy_pivot={h.entropy_pivot} must be in (0, 1)")
+    d = a.d3s
+    for key in ("sample_keep_start", "token_keep_start", "keep_end", "ramp_fraction"):
+        if not 0 < getattr(d, key) <= 1:
+            raise ConfigError(f"algorithm.d3s.{key}={getattr(d, key)} must be in (0, 1]")
+    if d.min_keep < 1:
+        raise ConfigError("algorithm.d3s.min_keep must be >= 1")
+    o = config.optim
+    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > config.trainer.steps:
+        raise ConfigError("optim.warmup_steps + optim.decay_steps must not exceed trainer.steps for schedule=wsd")
+    if o.schedule == "power":
+        if o.power.b > 0:
+            raise ConfigError(f"optim.power.b={o.power.b} must be <= 0")
+        if o.power.decay_tokens > 0 and o.power.total_tokens is None:
+            raise ConfigError("optim.power.decay_tokens > 0 needs optim.power.total_tokens")
+
+
+def _uses_hapo_entropy(algo) -> bool:
+    h = algo.hapo
+    return h.adaptive_temperature or h.adaptive_clip or h.redistribution
 
 
 class GRPOTrainer:
@@ -88,13 +150,20 @@ class GRPOTrainer:
             self.ref_model = load_model(self.model_path, dtype=config.model.dtype).eval().requires_grad_(False)
             self.ref_model.to(self.acc.device)
         optimizer = build_optimizer(model, config.optim)
-        scheduler = build_scheduler(optimizer, config.optim, total_steps=config.trainer.steps)
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scheduler = build_scheduler(  # not prepared: see build_scheduler
+            optimizer, config.optim, total_steps=config.trainer.steps,
+            sequences_per_step=config.rollout.prompts_per_step * config.rollout.group_size,
+        )
         self.policy = self.acc.unwrap_model(self.model)
         self.engine = build_engine(
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
             model_dtype=config.model.dtype, seed=config.trainer.seed,
         )
+        a = config.algorithm
+        if hasattr(self.engine, "return_entropy"):  # free with the hf engine; others need an old-policy pass
+            self.engine.return_entropy = _uses_hapo_entropy(a) or a.d3s.token_keep_start < 1
+        self.sampling_stats: EntropyStats | None = None  # HAPO: the previous step's entropy statistics
         self.step = 0
         self.eval_history: list[dict] = []
         if self.resume_from:
@@ -108,97 +177,172 @@ class GRPOTrainer:
             save_config(config, self.out_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------------------------- rollout
-    def _local_prompt_rows(self, step: int) -> list[dict]:
+    def _local_prompt_rows(self, step: int, round_: int = 0) -> list[dict]:
+        """This rank's prompts of `step`; refill rounds of dynamic sampling draw from independent shuffles, so a
+        resumed run repeats them exactly."""
         r = self.config.rollout
         indices = prompts_for_step(len(self.train_rows), step=step, per_step=r.prompts_per_step,
-                                   seed=self.config.trainer.seed)
+                                   seed=self.config.trainer.seed + 1_000_033 * round_)
         per_rank = r.prompts_per_step // self.acc.num_processes
         mine = indices[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
         return [self.train_rows[i] for i in mine]
 
-    def _generate(self, rows: list[dict], step: int) -> tuple[RolloutBatch, list[str]]:
+    def _sampling_params(self, step: int, round_: int) -> SamplingParams:
+        r, h = self.config.rollout, self.config.algorithm.hapo
+        seed = self.config.trainer.seed + 7919 * ((step + 104_729 * round_) * self.acc.num_processes
+                                                  + self.acc.process_index)
+        adaptive = None
+        if h.adaptive_temperature and self.sampling_stats is not None:
+            adaptive = AdaptiveTemperature(tuple(self.sampling_stats.to_list()), tau=h.temperature_tau,
+                                           sign_mode=h.sign_mode)
+        return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed,
+                              adaptive_temperature=adaptive)
+
+    def _generate(self, rows: list[dict], params: SamplingParams) -> tuple[RolloutBatch, list[str]]:
         r = self.config.rollout
         prompts = [encode_prompt(self.tokenizer, row["question"], self.config.data.template) for row in rows]
-        seed = self.config.trainer.seed + 7919 * (step * self.acc.num_processes + self.acc.process_index)
-        params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed)
         out = self.engine.generate(prompts, params, [r.max_new_tokens] * len(prompts))
         width = max(1, max(len(ids) for ids in out.completion_ids))
         n = len(out.completion_ids)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         logps = torch.zeros((n, width))
+        entropy = torch.zeros((n, width)) if out.entropies is not None else None
         for i, (tok, lp) in enumerate(zip(out.completion_ids, out.logprobs)):
             ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
             mask[i, : len(tok)] = True
             logps[i, : len(lp)] = torch.tensor(lp)
+            if entropy is not None:
+                entropy[i, : len(tok)] = torch.tensor(out.entropies[i])
         batch = RolloutBatch(
             prompt_ids=[p for p in prompts for _ in range(r.group_size)], completion_ids=ids, completion_mask=mask,
             rollout_logprobs=logps, finish_reasons=out.finish_reasons, group_size=r.group_size,
+            rollout_entropy=entropy,
         )
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         return batch, texts
 
-    def _score(self, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
+    def _scored_round(self, step: int, round_: int) -> Scored:
+        rows = self._local_prompt_rows(step, round_)
+        batch, texts = self._generate(rows, self._sampling_params(step, round_))
         g = self.config.rollout.group_size
         columns = {key: [row[key] for row in rows for _ in range(g)] for key in rows[0]}
         total, valid, per_func, errors = score_batch(
             self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
             logged=self.logged_reward_errors,
         )
-        return torch.tensor(total), torch.tensor(valid), per_func, errors
+        return Scored(rows, batch, texts, torch.tensor(total), torch.tensor(valid), per_func, errors)
+
+    def _collect(self, step: int) -> tuple[Scored, dict]:
+        ds = self.config.algorithm.dynamic_sampling
+        if not ds.enabled:
+            return self._scored_round(step, 0), {}
+        per_rank = self.config.rollout.prompts_per_step // self.acc.num_processes
+        return dynamic_sampling(self.acc, lambda round_: self._scored_round(step, round_),
+                                groups_per_rank=per_rank, cfg=ds)
+
+    def _sampling_policy_pass(self, batch: RolloutBatch):
+        """(log-probs, entropies) [N, T] of the policy that sampled the batch, by a no-grad forward. Skipped when
+        nothing needs them or when the engine returned the entropies (the hf engine does)."""
+        a = self.config.algorithm
+        need_entropy = (_uses_hapo_entropy(a) or a.d3s.token_keep_start < 1) and batch.rollout_entropy is None
+        need_logp = a.num_iterations > 1 or (a.kl_in == "reward" and self.ref_model is not None)
+        if not (need_entropy or need_logp):
+            return None, batch.rollout_entropy
+        rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
+        logp, entropy = fixed_logprobs(self.model, batch, rows, pad_id=self.tokenizer.pad_token_id,
+                                       temperature=self.config.rollout.temperature,
+                                       micro_batch_size=self.config.optim.micro_batch_size)
+        return (logp if need_logp else None), (entropy if batch.rollout_entropy is None else batch.rollout_entropy)
+
+    def _kl_reward_penalty(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
+        rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
+        ref_logp, _ = fixed_logprobs(self.ref_model, batch, rows, pad_id=self.tokenizer.pad_token_id,
+                                     temperature=self.config.rollout.temperature,
+                                     micro_batch_size=self.config.optim.micro_batch_size)
+        per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
+        return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
 
     # ---------------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg, acc = self.config, self.acc
+        a, g = cfg.algorithm, cfg.rollout.group_size
         t0 = time.perf_counter()
-        rows = self._local_prompt_rows(self.step)
-        batch, texts = self._generate(rows, self.step)
+        scored, extra = self._collect(self.step)
+        batch, valid = scored.batch, scored.valid
         t1 = time.perf_counter()
-        rewards, valid, per_func, errors = self._score(rows, texts)
-        # Advantages need every rank's rewards when scale_rewards=batch; all ranks compute the same global vector.
-        all_rewards, all_valid = acc.gather(rewards), acc.gather(valid)
-        all_adv = grpo_advantages(
-            all_rewards, group_size=cfg.rollout.group_size, eps=cfg.algorithm.std_eps,
-            unbiased_std=cfg.algorithm.unbiased_std, scale=cfg.algorithm.scale_rewards, valid=all_valid,
+        lengths = batch.completion_mask.sum(-1).float()
+        rewards, extra["reward/overlong_penalty"] = shape_rewards(
+            scored.rewards.float(), lengths, overlong=a.overlong, max_new_tokens=cfg.rollout.max_new_tokens)
+        old_logp, entropy = self._sampling_policy_pass(batch)
+        if a.kl_in == "reward" and self.ref_model is not None:
+            kl_penalty = self._kl_reward_penalty(batch, old_logp)
+            rewards = rewards - kl_penalty.to(rewards)
+            extra["reward/kl_penalty"] = _nanmean_across(acc, kl_penalty)
+        # Advantages use every rank's rewards (group or batch statistics); all ranks compute the same global vector.
+        all_rewards, all_valid, all_lengths = acc.gather(rewards), acc.gather(valid), acc.gather(lengths)
+        all_adv, adv_metrics = compute_advantages(
+            all_rewards, estimator=a.advantage, group_size=g, valid=all_valid, lengths=all_lengths, eps=a.std_eps,
+            unbiased_std=a.unbiased_std, scale=a.scale_rewards, fallback_threshold=a.hapo.fallback_threshold,
         )
-        n_local = rewards.numel()
-        advantages = all_adv[acc.process_index * n_local : (acc.process_index + 1) * n_local]
+        sample_keep, token_keep = d3s_keep_fractions(a.d3s, step=self.step, total_steps=cfg.trainer.steps)
+        keep_all = d3s_rollout_keep(all_adv, a.d3s, keep_fraction=sample_keep, group_size=g)
+        n_local, start = rewards.numel(), acc.process_index * rewards.numel()
+        advantages, keep = all_adv[start : start + n_local], keep_all[start : start + n_local]
+        batch.loss_mask = loss_mask_for(batch, valid, mask_truncated=a.overlong.mask_truncated) & keep[:, None]
+        before_tokens = batch.loss_mask.sum()
+        if token_keep < 1:
+            batch.loss_mask = d3s_token_mask(acc, advantages, entropy, batch.loss_mask, keep_fraction=token_keep,
+                                             scope=a.d3s.token_scope)
+        h_hat = None
+        if _uses_hapo_entropy(a):
+            stats = hapo_entropy_stats(acc, entropy, batch.completion_mask & valid[:, None], pivot=a.hapo.entropy_pivot)
+            if a.hapo.adaptive_clip or a.hapo.redistribution:
+                h_hat = hapo_h_hat(entropy, stats, sign_mode=a.hapo.sign_mode)
+            self.sampling_stats = stats  # the next step samples with these (adaptive temperature)
+            extra.update({"hapo/entropy_pivot": stats.m, "hapo/entropy_rms": stats.sigma})
         t2 = time.perf_counter()
-        batch.completion_mask &= valid[:, None]  # a sample whose reward failed is not trained on
         train_metrics = train_on_batch(
             self.model, self.optimizer, self.scheduler, acc, batch, advantages,
-            algo=cfg.algorithm, optim=cfg.optim, pad_id=self.tokenizer.pad_token_id,
-            temperature=cfg.rollout.temperature, ref_model=self.ref_model,
+            algo=a, optim=cfg.optim, pad_id=self.tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
+            norm_constant=a.loss_norm_constant or cfg.rollout.max_new_tokens, ref_model=self.ref_model,
+            old_logp=old_logp, h_hat=h_hat,
         )
         self.engine.load_weights(self.policy.named_parameters())
         t3 = time.perf_counter()
         self.step += 1
 
-        lengths = batch.completion_mask.sum(-1).float()
         sums = {
             "completion/len_sum": lengths.sum(), "completion/clipped": torch.tensor(
                 float(sum(reason == "length" for reason in batch.finish_reasons))),
-            "reward/errors": torch.tensor(float(errors)), "reward/invalid": (~valid).sum().float(),
+            "reward/errors": torch.tensor(float(scored.errors)), "reward/invalid": (~valid).sum().float(),
+            "tokens/before_d3s": before_tokens.float(), "tokens/trained": batch.loss_mask.sum().float(),
+            "rows/kept": keep.sum().float(),
         }
-        reduced = {k: acc.reduce(v.float(), reduction="sum").item() for k, v in sums.items()}
-        max_len = acc.reduce(lengths.max(), reduction="max").item()
+        reduced = {k: acc.reduce(v.float().to(acc.device), reduction="sum").item() for k, v in sums.items()}
+        max_len = acc.reduce(lengths.max().to(acc.device), reduction="max").item()
         n_all = all_rewards.numel()
         metrics = {
-            **group_stats(all_rewards, all_valid, cfg.rollout.group_size),
+            **group_stats(all_rewards, all_valid, g),
             "completion/len_mean": reduced["completion/len_sum"] / n_all,
             "completion/len_max": max_len,
             "completion/clipped_frac": reduced["completion/clipped"] / n_all,
             "reward/errors": reduced["reward/errors"],
             "reward/invalid": reduced["reward/invalid"],
-            **{f"reward/{name}": _nanmean_across(acc, torch.tensor(v)) for name, v in per_func.items()},
+            **{f"reward/{name}": _nanmean_across(acc, torch.tensor(v)) for name, v in scored.per_func.items()},
+            **adv_metrics,
+            **extra,
+            "d3s/sample_keep_frac": reduced["rows/kept"] / n_all,
+            "d3s/token_keep_frac": reduced["tokens/trained"] / max(reduced["tokens/before_d3s"], 1.0),
+            "train/loss_tokens": reduced["tokens/trained"],
             **train_metrics,
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+            "time/generate": t1 - t0, "time/prepare": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
             "throughput/gen_tokens_per_s": reduced["completion/len_sum"] / max(t1 - t0, 1e-9),
         }
         if self.step % max(1, cfg.logging.sample_table_every) == 0 or self.step == 1:
             self.tracker.log_samples(self.step, [
-                {"prompt": row["question"], "answer": row["answer"], "completion": texts[i * cfg.rollout.group_size],
-                 "reward": float(rewards[i * cfg.rollout.group_size])} for i, row in enumerate(rows[:4])
+                {"prompt": row["question"], "answer": row["answer"], "completion": scored.texts[i * g],
+                 "reward": float(rewards[i * g])} for i, row in enumerate(scored.rows[:4])
             ])
         return metrics
 
@@ -231,6 +375,7 @@ class GRPOTrainer:
                 "step": self.step, "prompts_seen": self.step * self.config.rollout.prompts_per_step,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "eval_history": self.eval_history, "num_processes": acc.num_processes,
+                "sampling_stats": None if self.sampling_stats is None else self.sampling_stats.to_list(),
             }
             ckpt.write_main_files(stage, model=self.policy, tokenizer=self.tokenizer, trainer_state=state)
         acc.wait_for_everyone()
@@ -244,6 +389,8 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])
+        if state.get("sampling_stats") is not None:
+            self.sampling_stats = EntropyStats.from_list(state["sampling_stats"])
         rng = ckpt.load_rank_rng(path, self.acc.process_index)
         if rng is not None:
             ckpt.set_rng_state(rng)

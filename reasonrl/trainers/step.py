@@ -1,7 +1,7 @@
 """One optimizer step (or `num_iterations` of them) on a rollout batch, with micro-batches and several ranks.
 
-The loss of every micro-batch is divided by the GLOBAL number of valid completion tokens of the step, so the
-accumulated gradient is the same whatever the micro-batch size or the number of processes.
+Every micro-batch loss is normalized by GLOBAL counts of the step (valid tokens, sequences), so the accumulated
+gradient is the same whatever the micro-batch size or the number of processes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from reasonrl.rl.losses import aggregate_token_mean, clipped_surrogate, k3_kl
+from reasonrl.rl.hapo import hapo_surrogate
+from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
 from reasonrl.trainers.policy import completion_logprobs
 
 
@@ -32,9 +33,10 @@ def group_stats(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> 
 
 
 def trainable_rows(advantages: torch.Tensor, mask: torch.Tensor, *, all_rows: bool) -> torch.Tensor:
-    """Rows whose loss can have a gradient: some valid token and, unless a KL term needs every row, A != 0.
+    """Rows whose loss can have a gradient: some trained token and, unless a KL or entropy term needs every row,
+    A != 0.
 
-    Rows with A = 0 still count in the token normalizer (the loss definition is unchanged); skipping their
+    Rows with A = 0 still count in the normalizers (the loss definition is unchanged); skipping their
     forward/backward only saves compute.
     """
     has_tokens = mask.any(dim=-1)
@@ -49,53 +51,73 @@ def split_micro_batches(rows: torch.Tensor, size: int, count: int) -> list[torch
 
 
 def _micro_logprobs(model, batch, idx, *, pad_id, temperature):
-    """Log-probs/entropy for rows `idx`, trimmed to their longest completion."""
-    mask = batch.completion_mask[idx]
-    width = max(1, int(mask.sum(-1).max()))
-    mask = mask[:, :width]
+    """Log-probs/entropy [n, W] for rows `idx`, W = their longest completion (the model input is the whole
+    completion; which tokens count in the loss is the caller's business)."""
+    inputs = batch.completion_mask[idx]
+    width = max(1, int(inputs.sum(-1).max()))
     logp, ent = completion_logprobs(
-        model, [batch.prompt_ids[i] for i in idx.tolist()], batch.completion_ids[idx, :width], mask,
+        model, [batch.prompt_ids[i] for i in idx.tolist()], batch.completion_ids[idx, :width], inputs[:, :width],
         pad_id=pad_id, temperature=temperature,
     )
-    return logp, ent, mask
+    return logp, ent, width
 
 
 @torch.no_grad()
-def _fixed_logprobs(model, batch, chunks, *, pad_id, temperature) -> dict[int, torch.Tensor]:
-    """Per-row log-probs under a frozen model (reference policy, or the policy before the first update)."""
-    out = {}
-    for idx in chunks:
-        if idx.numel():
-            logp, _, _ = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
-            for j, row in enumerate(idx.tolist()):
-                out[row] = logp[j]
-    return out
+def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, micro_batch_size: int):
+    """Log-probs and entropies [N, T] (zeros outside `rows`) under a frozen model: the reference policy, or the
+    policy that sampled the batch (for `num_iterations > 1`, HAPO and D3S)."""
+    n, t = batch.completion_ids.shape
+    logp, ent = torch.zeros(n, t), torch.zeros(n, t)
+    for idx in rows.split(micro_batch_size):
+        lp, h, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
+        logp[idx, :width], ent[idx, :width] = lp.float().cpu(), h.float().cpu()
+    return logp, ent
 
 
-def _stack_rows(table: dict[int, torch.Tensor], idx: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.stack([table[row][:width] for row in idx.tolist()])
+def _policy_loss(logp, old, adv, h_hat, mask, algo):
+    """Per-token policy-gradient loss of a micro-batch: PPO/GRPO clipping, or HAPO's adaptive clipping and
+    advantage redistribution when they are on (h_hat given)."""
+    if h_hat is None:
+        return clipped_surrogate(logp, old, adv, eps_low=algo.eps_low, eps_high=algo.eps_high, mask=mask,
+                                 dual_clip=algo.dual_clip)
+    h = algo.hapo
+    return hapo_surrogate(
+        logp, old, adv, h_hat, eps_low=algo.eps_low, eps_high=algo.eps_high,
+        alpha=h.clip_alpha if h.adaptive_clip else 0.0, beta=h.adv_beta if h.redistribution else 0.0,
+        clip_ratio_c=algo.dual_clip, mask=mask,
+    )
 
 
 def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo, optim, pad_id, temperature,
-                   ref_model=None) -> dict:
-    """Runs `algo.num_iterations` optimizer steps on this rank's rows of the batch; returns global metrics."""
+                   norm_constant: int | None = None, ref_model=None, old_logp=None, h_hat=None) -> dict:
+    """Runs `algo.num_iterations` optimizer steps on this rank's rows of the batch; returns global metrics.
+
+    old_logp: [N, T] log-probs of the sampling policy (None: the first iteration's own, detached: ratio 1).
+    h_hat: [N, T] HAPO normalized entropy, when adaptive clipping or advantage redistribution is on.
+    """
     device = acc.device
-    mask = batch.completion_mask
-    global_tokens = acc.reduce(mask.sum().float().to(device), reduction="sum")
-    rows = trainable_rows(advantages, mask, all_rows=algo.kl_coef > 0)
+    mask = batch.trained_mask()
+    counts = torch.stack([mask.sum(), mask.any(-1).sum()]).float().to(device)
+    global_tokens, global_seqs = acc.reduce(counts, reduction="sum")
+    kl_in_loss = ref_model is not None and algo.kl_in == "loss"
+    rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
     size = optim.micro_batch_size
     count = int(acc.reduce(torch.tensor(math.ceil(rows.numel() / size), device=device), reduction="max"))
     chunks = split_micro_batches(rows, size, count)
-    sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "clip_low", "clip_high", "is_skipped"], 0.0)
+    sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
+    token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*)
     grad_norms, lrs = [], []
     if count == 0 or global_tokens.item() == 0:  # no group carries a signal anywhere: nothing to learn
         sums["is_skipped"] = 1.0
         return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations)
-    ref_logp = _fixed_logprobs(ref_model, batch, chunks, pad_id=pad_id, temperature=temperature) if ref_model else None
-    old_logp = None
-    if algo.num_iterations > 1:  # the importance ratio is measured against the policy that sampled the batch
-        old_logp = _fixed_logprobs(model, batch, chunks, pad_id=pad_id, temperature=temperature)
-    scale = acc.num_processes  # DDP averages gradients over ranks; the loss already divides by the global count
+    ref_logp = None
+    if kl_in_loss:
+        ref_logp, _ = fixed_logprobs(ref_model, batch, rows, pad_id=pad_id, temperature=temperature,
+                                     micro_batch_size=size)
+    if old_logp is None and algo.num_iterations > 1:  # the ratio is measured against the policy that sampled
+        old_logp, _ = fixed_logprobs(model, batch, rows, pad_id=pad_id, temperature=temperature, micro_batch_size=size)
+    scale = acc.num_processes  # DDP averages gradients over ranks; the loss already divides by global counts
+    agg = {"mode": algo.loss_agg, "num_tokens": global_tokens, "num_sequences": global_seqs}
     for _ in range(algo.num_iterations):
         for k, idx in enumerate(chunks):
             weight = 1.0 if idx.numel() else 0.0
@@ -103,16 +125,18 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 idx = torch.zeros(1, dtype=torch.long)
             sync = k == len(chunks) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):
-                logp, ent, m = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
-                width = m.shape[1]
-                old = logp.detach() if old_logp is None else _stack_rows(old_logp, idx, width)
-                adv = advantages[idx].to(logp.device)
-                per_token, clip = clipped_surrogate(logp, old, adv, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                                                    mask=m)
-                kl = k3_kl(logp, _stack_rows(ref_logp, idx, width)) if ref_logp is not None else None
-                if kl is not None:
+                logp, ent, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
+                m = mask[idx, :width].to(logp.device)
+                old = logp.detach() if old_logp is None else old_logp[idx, :width].to(logp)
+                h = None if h_hat is None else h_hat[idx, :width].to(logp)
+                per_token, clip = _policy_loss(logp, old, advantages[idx].to(logp), h, m, algo)
+                kl = None
+                if ref_logp is not None:
+                    kl = kl_estimate(logp, ref_logp[idx, :width].to(logp), algo.kl_estimator)
                     per_token = per_token + algo.kl_coef * kl
-                loss = aggregate_token_mean(per_token, m, num_tokens=global_tokens)
+                loss = aggregate_loss(per_token, m, norm_constant=norm_constant, **agg)
+                if algo.entropy_coef:
+                    loss = loss - algo.entropy_coef * entropy_term(ent, m, **agg)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) in a micro-batch of rows {idx.tolist()[:8]}...; check "
@@ -124,28 +148,32 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
             sums["loss"] += loss.item() * weight
             sums["entropy"] += float((ent.detach() * m).sum()) * weight
             sums["kl"] += float((kl.detach() * m).sum()) * weight if kl is not None else 0.0
-            sums["clip_low"] += float(clip["clip/low_frac"]) * n_tok
-            sums["clip_high"] += float(clip["clip/high_frac"]) * n_tok
+            for key, value in clip.items():
+                token_weighted[key] = token_weighted.get(key, 0.0) + float(value) * n_tok
         grad_norm = acc.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         grad_norms.append(float(grad_norm))
+        if hasattr(scheduler, "add_tokens"):  # token-based schedules see the tokens of this optimizer step
+            scheduler.add_tokens(float(global_tokens))
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations)
+    return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
 
 
-def _finish_metrics(acc, sums: dict, grad_norms: list, lrs: list, iterations: int) -> dict:
-    keys = list(sums)
-    totals = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), reduction="sum").tolist()
+def _finish_metrics(acc, sums: dict, grad_norms: list, lrs: list, iterations: int,
+                    token_weighted: dict | None = None) -> dict:
+    weighted = {"clip/low_frac": 0.0, "clip/high_frac": 0.0, "clip/dual_frac": 0.0, **(token_weighted or {})}
+    keys = list(sums) + sorted(weighted)
+    values = [sums[k] for k in sums] + [weighted[k] for k in sorted(weighted)]
+    totals = acc.reduce(torch.tensor(values, device=acc.device), reduction="sum").tolist()
     total = dict(zip(keys, totals))
     tokens = max(total["tokens"], 1.0)
     return {
+        **{k: total[k] / tokens for k in weighted},
         "loss/policy": total["loss"] / iterations,
         "policy/entropy": total["entropy"] / tokens,
         "policy/kl": total["kl"] / tokens,
-        "clip/low_frac": total["clip_low"] / tokens,
-        "clip/high_frac": total["clip_high"] / tokens,
         "train/tokens": total["tokens"] / iterations,
         "train/skipped": float(total["is_skipped"] > 0),
         "optim/grad_norm": grad_norms[-1] if grad_norms else 0.0,

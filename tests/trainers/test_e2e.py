@@ -43,7 +43,7 @@ def test_training_changes_every_parameter_and_logs_everything(tiny_model_dir, tm
     assert set(rows) == {0, 1, 2}  # eval at step 0, then two training steps
     for key in ("reward/mean", "reward/zero_std_frac", "completion/len_mean", "completion/clipped_frac",
                 "policy/entropy", "clip/low_frac", "clip/high_frac", "loss/policy", "optim/grad_norm", "optim/lr",
-                "time/generate", "time/score", "time/train", "throughput/gen_tokens_per_s",
+                "time/generate", "time/prepare", "time/train", "throughput/gen_tokens_per_s",
                 "reward/rewards_for_tests:digit_count", "eval/accuracy"):
         assert key in rows[2], key
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "eval_results.json").is_file()
@@ -100,3 +100,34 @@ def test_reasonrl_eval_prints_one_json_line(tiny_model_dir, tmp_path):
     ).stdout.strip().splitlines()[-1]
     result = json.loads(out)
     assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0 and result["model"].endswith("model")
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "dapo", "hapo", "d3s", "hapo_d3s"])
+def test_every_algorithm_recipe_trains_end_to_end(tiny_model_dir, tmp_path, algo):
+    """The algorithm recipes of the default task, on the tiny model, through the real entry point."""
+    extra = {"trainer.eval_at_start": "false", "trainer.save_every": 0, "trainer.steps": 3,
+             "rollout.prompts_per_step": 4, "algorithm.overlong.buffer": 3}
+    args = ["--config", str(REPO / "recipes" / "arith" / f"{algo}.yaml"),
+            *overrides(tiny_model_dir, tmp_path, 3, **extra)]
+    assert grpo.main(args) == 0
+    rows = history(tmp_path)
+    trained = [rows[s] for s in (1, 2, 3)]
+    assert all(r["train/skipped"] == 0 for r in trained[:1]), "the first step had no signal"
+    if algo in ("d3s", "hapo_d3s"):  # aggressive down-sampling first, none at the end of the ramp
+        assert trained[0]["d3s/sample_keep_frac"] < 1 and trained[0]["d3s/token_keep_frac"] < 1
+        assert trained[-1]["d3s/sample_keep_frac"] == 1 and trained[-1]["d3s/token_keep_frac"] == 1
+    if algo.startswith("hapo"):
+        assert "hapo/entropy_pivot" in trained[0] and "hapo/adv_changed_frac" in trained[0]
+    if algo == "dapo" or algo.startswith("hapo"):
+        assert all(r["dynamic/gen_rounds"] >= 1 for r in trained)
+        assert "reward/overlong_penalty" in trained[0]
+
+
+def test_power_schedule_follows_tokens_and_kl_in_reward(tiny_model_dir, tmp_path):
+    extra = {"optim.schedule": "power", "optim.power.ref_tokens": 10, "optim.power.b": -0.5,
+             "algorithm.kl_coef": 0.1, "algorithm.kl_in": "reward", "trainer.eval_at_start": "false"}
+    assert grpo.main(overrides(tiny_model_dir, tmp_path, 3, **extra)) == 0
+    rows = history(tmp_path)
+    lrs = [rows[s]["optim/lr"] for s in (1, 2, 3)]
+    assert lrs[0] > lrs[1] > lrs[2] > 0  # past ref_tokens the power law decays with the tokens seen
+    assert all("reward/kl_penalty" in rows[s] for s in (1, 2, 3))

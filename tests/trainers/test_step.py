@@ -52,16 +52,16 @@ def naive_grads(model, batch, adv, *, temperature, kl_coef=0.0, ref=None):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def step_with_sgd(model, batch, adv, *, micro, temperature, kl_coef=0.0, ref=None):
+def step_with_sgd(model, batch, adv, *, micro, temperature, kl_coef=0.0, ref=None, algo=None, **extra):
     """One train_on_batch call with SGD(lr=1) and no clipping: the parameter change is minus the gradient."""
     acc = Accelerator(cpu=True)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     metrics = train_on_batch(
-        model, opt, sched, acc, batch, adv, algo=AlgorithmConfig(kl_coef=kl_coef),
+        model, opt, sched, acc, batch, adv, algo=algo or AlgorithmConfig(kl_coef=kl_coef),
         optim=OptimConfig(micro_batch_size=micro, max_grad_norm=1e9), pad_id=PAD, temperature=temperature,
-        ref_model=ref,
+        ref_model=ref, **extra,
     )
     return {name: before[name] - p.detach() for name, p in model.named_parameters()}, metrics
 
@@ -117,3 +117,133 @@ def test_group_stats_hand_computed():
     assert stats["reward/mean"] == 0.75 and stats["reward/zero_std_frac"] == 0.5
     stats = group_stats(rewards, torch.tensor([True, True, False, True]), 2)  # group 2 has one valid sample
     assert stats["reward/mean"] == 1.0 and stats["reward/zero_std_frac"] == 1.0
+
+
+# ------------------------------------------------------------------ general per-token reference
+def naive_general_grads(model, batch, adv, *, mode, eps_low, eps_high, norm_constant=None, old=None, dual=None,
+                        h_hat=None, alpha=0.0, beta=0.0, entropy_coef=0.0):
+    """Python-scalar loop over rows and tokens, written from the formulas (algorithms.md 0, 1.3-1.5; peers.md 2):
+    ratio, HAPO bounds and redistribution, clipping, dual clip, then the aggregation of `mode` over the tokens of
+    batch.trained_mask() (the model still reads every completion token)."""
+    loss_mask = batch.trained_mask()
+    k_tokens = float(loss_mask.sum())
+    s_seqs = float(loss_mask.any(-1).sum())
+    model.zero_grad()
+    total = 0.0
+    for i in range(batch.num_rows):
+        n = int(batch.completion_mask[i].sum())
+        seq = torch.tensor(batch.prompt_ids[i] + batch.completion_ids[i, :n].tolist())[None]
+        p = len(batch.prompt_ids[i])
+        lsm = torch.log_softmax(model(input_ids=seq).logits[0, p - 1 : p - 1 + n], -1)
+        terms, ents = [], []
+        for t in range(n):
+            if not loss_mask[i, t]:
+                continue
+            lp = lsm[t, seq[0, p + t]]
+            o = lp.detach() if old is None else old[i, t]
+            r = torch.exp(lp - o)
+            a, el, eh = float(adv[i]), eps_low, eps_high
+            if h_hat is not None:
+                h = float(h_hat[i, t])
+                if h <= 0:
+                    el = eps_low * (1 - alpha * h)
+                else:
+                    eh = eps_high * (1 + alpha * h)
+                in_band = 1 - el / 2 < float(r) < 1 + eh / 2
+                if (h > 0 and not in_band) or (h <= 0 and in_band):
+                    a = a * (1 + beta * h)
+            term = torch.maximum(-a * r, -a * r.clamp(1 - el, 1 + eh))
+            if dual is not None and a < 0:
+                term = torch.minimum(term, torch.tensor(-a * dual))
+            terms.append(term)
+            ents.append(-(lsm[t].exp() * lsm[t]).sum())
+        if not terms:
+            continue
+        row_sum, ent_sum = torch.stack(terms).sum(), torch.stack(ents).sum()
+        if mode == "token_mean":
+            loss = row_sum / k_tokens
+        elif mode == "seq_mean_token_mean":
+            loss = row_sum / len(terms) / s_seqs
+        elif mode == "seq_mean_token_sum_norm":
+            loss = row_sum / norm_constant
+        else:
+            loss = row_sum / (s_seqs * norm_constant)
+        ent_weight = 1 / len(terms) / s_seqs if mode == "seq_mean_token_mean" else 1 / k_tokens
+        loss = loss - entropy_coef * ent_sum * ent_weight
+        loss.backward()
+        total += float(loss.detach())
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, total
+
+
+def with_loss_mask_holes(batch, seed=0):
+    """Drops some tokens from the loss (as D3S token selection does) without changing the model input."""
+    g = torch.Generator().manual_seed(seed)
+    batch.loss_mask = batch.completion_mask & (torch.rand(batch.completion_mask.shape, generator=g) > 0.3)
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "constant"])
+@pytest.mark.parametrize("micro", [1, 4])
+def test_aggregation_modes_match_a_naive_loop_with_token_selection(mode, micro):
+    batch = with_loss_mask_holes(make_batch(seed=5))
+    adv = torch.tensor([0.8, -0.8, 0.0, 0.0, 1.5, -0.4])
+    algo = AlgorithmConfig(loss_agg=mode)
+    ref, _ = naive_general_grads(tiny_model(), batch, adv, mode=mode, eps_low=0.2, eps_high=0.28, norm_constant=7)
+    got, metrics = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0, algo=algo, norm_constant=7)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert metrics["train/tokens"] == float(batch.trained_mask()[[0, 1, 4, 5]].sum())
+
+
+def old_logprobs_off_policy(model, batch, shift_seed=1):
+    """Log-probs of a slightly different policy, so ratios leave 1 and clipping is exercised."""
+    from reasonrl.trainers.step import fixed_logprobs
+
+    rows = torch.arange(batch.num_rows)
+    logp, _ = fixed_logprobs(model, batch, rows, pad_id=PAD, temperature=1.0, micro_batch_size=6)
+    g = torch.Generator().manual_seed(shift_seed)
+    return logp + 0.4 * torch.randn(logp.shape, generator=g)
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_dual_clip_and_hapo_terms_match_a_naive_loop(micro):
+    batch = make_batch(seed=7)
+    adv = torch.tensor([1.2, -1.2, -0.7, 0.7, 0.3, -2.0])
+    old = old_logprobs_off_policy(tiny_model(), batch)
+    g = torch.Generator().manual_seed(2)
+    h_hat = (torch.rand(batch.completion_ids.shape, generator=g) * 2 - 1)  # both entropy sides
+    algo = AlgorithmConfig(eps_low=0.2, eps_high=0.2, dual_clip=1.5)
+    algo.hapo.adaptive_clip, algo.hapo.redistribution = True, True
+    ref, _ = naive_general_grads(tiny_model(), batch, adv, mode="token_mean", eps_low=0.2, eps_high=0.2, old=old,
+                                 dual=1.5, h_hat=h_hat, alpha=1.0, beta=1.0)
+    got, metrics = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0, algo=algo, old_logp=old,
+                                 h_hat=h_hat)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert metrics["clip/dual_frac"] > 0 and metrics["hapo/adv_changed_frac"] > 0
+
+
+def test_hapo_with_adaptive_terms_off_is_ppo_clipping():
+    batch = make_batch(seed=7)
+    adv = torch.tensor([1.2, -1.2, -0.7, 0.7, 0.3, -2.0])
+    old = old_logprobs_off_policy(tiny_model(), batch)
+    h_hat = torch.rand(batch.completion_ids.shape) * 2 - 1
+    hapo_off = AlgorithmConfig()
+    hapo_off.hapo.clip_alpha, hapo_off.hapo.adv_beta = 0.0, 0.0
+    hapo_off.hapo.adaptive_clip, hapo_off.hapo.redistribution = True, True
+    plain, _ = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0, algo=AlgorithmConfig(), old_logp=old)
+    hapo, _ = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0, algo=hapo_off, old_logp=old,
+                            h_hat=h_hat)
+    for name in plain:
+        torch.testing.assert_close(hapo[name], plain[name], atol=1e-7, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean"])
+def test_entropy_bonus_matches_a_naive_loop(mode):
+    batch = make_batch(seed=9)
+    adv = torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0])  # entropy trains the zero-advantage rows too
+    algo = AlgorithmConfig(loss_agg=mode, entropy_coef=0.05)
+    ref, _ = naive_general_grads(tiny_model(), batch, adv, mode=mode, eps_low=0.2, eps_high=0.28, entropy_coef=0.05)
+    got, _ = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0, algo=algo)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-6, rtol=1e-4, msg=name)
