@@ -136,8 +136,8 @@ def clipped_surrogate(
         mask = torch.ones_like(logp, dtype=torch.bool)
     elif mask.shape != logp.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
-    lower = (1.0 - low).to(logp.dtype) if isinstance(low, torch.Tensor) else 1.0 - low
-    upper = (1.0 + high).to(logp.dtype) if isinstance(high, torch.Tensor) else 1.0 + high
+    lower = (1.0 - low).to(logp.device, logp.dtype) if isinstance(low, torch.Tensor) else 1.0 - low
+    upper = (1.0 + high).to(logp.device, logp.dtype) if isinstance(high, torch.Tensor) else 1.0 + high
     adv = advantages.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(lower, upper)

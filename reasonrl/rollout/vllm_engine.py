@@ -102,6 +102,11 @@ class VLLMEngine:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if on_cpu:
             options["enable_chunked_prefill"] = False  # see the module docstring
+        # HAPO adaptive temperature: vLLM v1 takes processor classes at start-up only; this one acts on a request
+        # only when its SamplingParams.extra_args carry the statistics (see _vllm_params).
+        from reasonrl.rollout.adaptive_temperature import vllm_logits_processor_class
+
+        options["logits_processors"] = [vllm_logits_processor_class()]
         options.update(llm_kwargs)
         with _keep_process_state():
             self.llm = LLM(**options)
@@ -157,7 +162,16 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         seed = None if params.seed is None else params.seed + prompt_index * params.n
+        extra_args = None
+        if params.adaptive_temperature is not None and params.temperature > 0:
+            from reasonrl.rl.hapo import EntropyStats
+            from reasonrl.rollout.adaptive_temperature import vllm_extra_args
+
+            spec = params.adaptive_temperature
+            extra_args = vllm_extra_args(EntropyStats.from_list(list(spec.stats)), tau=spec.tau,
+                                         base_temperature=params.temperature, sign_mode=spec.sign_mode) or None
         return VLLMSamplingParams(
+            extra_args=extra_args,
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
