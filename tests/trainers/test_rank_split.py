@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-
 from split_worker import configurations, run_all
 
 HERE = Path(__file__).resolve().parent
