@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,11 @@ def run_one(task: str, algo: str, seed: int, out: Path, args) -> None:
     print(f"[ablate] {algo} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     log = out.parent / f"seed{seed}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ.copy()
+    if args.parallel > 1:  # never oversubscribe the cores: each run gets its share of threads
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
     with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"[ablate] {algo} seed {seed} failed (exit {done.returncode}); see {log}")
 
@@ -126,14 +130,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="default: runs/ablate/<task>")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--wandb", default="disabled", choices=["offline", "online", "disabled"])
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (threads split between them)")
     parser.add_argument("--report", default=None, help="only read the finished runs under this folder")
     parser.add_argument("--json", action="store_true", help="print the table as one JSON object on the last line")
     args = parser.parse_args(argv)
     out = Path(args.report or args.out or REPO / "runs" / "ablate" / args.task)
     if not args.report:
-        for algo in args.algos:
-            for seed in args.seeds:
-                run_one(args.task, algo, seed, out / algo / f"seed{seed}", args)
+        jobs = [(algo, seed) for seed in args.seeds for algo in args.algos]
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            for future in [pool.submit(run_one, args.task, a, s, out / a / f"seed{s}", args) for a, s in jobs]:
+                future.result()
     all_runs = {}
     for algo in args.algos:
         finished = [out / algo / f"seed{s}" for s in args.seeds if (out / algo / f"seed{s}" / "eval_results.json").is_file()]
