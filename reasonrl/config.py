@@ -67,6 +67,13 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64  # sequences generated together by the hf engine
+    # Importance-sampling correction for the engine/trainer mismatch (reasonrl/rl/importance.py);
+    # null (auto): on for the vllm and server engines, off for hf (which samples with the trainer's own weights).
+    is_correction: bool | None = None
+    is_level: str = choice("token", ["token", "sequence"])
+    is_mode: str = choice("truncate", ["truncate", "mask"])
+    is_cap: float = 2.0
+    is_floor: float = 0.0
 
 
 @dataclass

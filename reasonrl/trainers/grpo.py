@@ -64,6 +64,8 @@ def validate(config: RecipeConfig, world_size: int) -> None:
         )
     if r.max_new_tokens < 1 or config.trainer.eval_max_new_tokens < 1:
         raise ConfigError("rollout.max_new_tokens and trainer.eval_max_new_tokens must be >= 1")
+    if r.is_cap < 1 or not 0 <= r.is_floor <= 1:
+        raise ConfigError(f"rollout.is_cap={r.is_cap} must be >= 1 and rollout.is_floor={r.is_floor} in [0, 1]")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature={r.temperature}: sampling for training needs a temperature > 0")
     if config.optim.micro_batch_size < 1 or config.algorithm.num_iterations < 1 or config.trainer.steps < 1:
@@ -263,6 +265,11 @@ class GRPOTrainer:
         per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
         return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
 
+    def _rollout_is(self) -> dict | None:
+        r = self.config.rollout
+        on = r.engine != "hf" if r.is_correction is None else r.is_correction
+        return {"level": r.is_level, "mode": r.is_mode, "cap": r.is_cap, "floor": r.is_floor} if on else None
+
     # ---------------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg, acc = self.config, self.acc
@@ -306,7 +313,7 @@ class GRPOTrainer:
             self.model, self.optimizer, self.scheduler, acc, batch, advantages,
             algo=a, optim=cfg.optim, pad_id=self.tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
             norm_constant=a.loss_norm_constant or cfg.rollout.max_new_tokens, ref_model=self.ref_model,
-            old_logp=old_logp, h_hat=h_hat,
+            old_logp=old_logp, h_hat=h_hat, rollout_is=self._rollout_is(),
         )
         self.engine.load_weights(self.policy.named_parameters())
         t3 = time.perf_counter()

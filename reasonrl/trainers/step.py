@@ -12,6 +12,7 @@ import math
 import torch
 
 from reasonrl.rl.hapo import hapo_surrogate
+from reasonrl.rl.importance import rollout_correction
 from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
 from reasonrl.trainers.policy import completion_logprobs
 
@@ -89,11 +90,14 @@ def _policy_loss(logp, old, adv, h_hat, mask, algo):
 
 
 def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo, optim, pad_id, temperature,
-                   norm_constant: int | None = None, ref_model=None, old_logp=None, h_hat=None) -> dict:
+                   norm_constant: int | None = None, ref_model=None, old_logp=None, h_hat=None,
+                   rollout_is: dict | None = None) -> dict:
     """Runs `algo.num_iterations` optimizer steps on this rank's rows of the batch; returns global metrics.
 
     old_logp: [N, T] log-probs of the sampling policy (None: the first iteration's own, detached: ratio 1).
     h_hat: [N, T] HAPO normalized entropy, when adaptive clipping or advantage redistribution is on.
+    rollout_is: keyword arguments of `rollout_correction` (level, mode, cap, floor) to reweight the policy-gradient
+    term by pi_old / pi_rollout with the engine's log-probs (`batch.rollout_logprobs`); None: off.
     """
     device = acc.device
     mask = batch.trained_mask()
@@ -105,7 +109,8 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     count = int(acc.reduce(torch.tensor(math.ceil(rows.numel() / size), device=device), reduction="max"))
     chunks = split_micro_batches(rows, size, count)
     sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
-    token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*)
+    token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*, sampling/*)
+    extremes: list[list[float]] = []  # per micro-batch [max |logp diff|, max IS ratio, -min IS ratio]
     grad_norms, lrs = [], []
     if count == 0 or global_tokens.item() == 0:  # no group carries a signal anywhere: nothing to learn
         sums["is_skipped"] = 1.0
@@ -130,6 +135,16 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 old = logp.detach() if old_logp is None else old_logp[idx, :width].to(logp)
                 h = None if h_hat is None else h_hat[idx, :width].to(logp)
                 per_token, clip = _policy_loss(logp, old, advantages[idx].to(logp), h, m, algo)
+                if rollout_is is not None and batch.rollout_logprobs is not None:
+                    weights, mismatch = rollout_correction(
+                        old, batch.rollout_logprobs[idx, :width].to(old), m, **rollout_is)
+                    per_token = per_token * weights  # the KL term below is not reweighted (as TRL)
+                    clip = {**clip, "sampling/logp_diff_mean": mismatch["sampling/logp_diff_mean"],
+                            "sampling/is_ratio_mean": mismatch["sampling/is_ratio_mean"]}
+                    if weight:
+                        extremes.append([float(mismatch["sampling/logp_diff_max"]),
+                                         float(mismatch["sampling/is_ratio_max"]),
+                                         -float(mismatch["sampling/is_ratio_min"])])
                 kl = None
                 if ref_logp is not None:
                     kl = kl_estimate(logp, ref_logp[idx, :width].to(logp), algo.kl_estimator)
@@ -158,7 +173,14 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
+    metrics = _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
+    if rollout_is is not None and batch.rollout_logprobs is not None:
+        local = torch.tensor(extremes, dtype=torch.float64).amax(0) if extremes else torch.full((3,), -math.inf,
+                                                                                                  dtype=torch.float64)
+        diff_max, ratio_max, neg_ratio_min = acc.reduce(local.to(device), reduction="max").tolist()
+        metrics.update({"sampling/logp_diff_max": diff_max, "sampling/is_ratio_max": ratio_max,
+                        "sampling/is_ratio_min": -neg_ratio_min})
+    return metrics
 
 
 def _finish_metrics(acc, sums: dict, grad_norms: list, lrs: list, iterations: int,

@@ -125,9 +125,13 @@ def test_every_algorithm_recipe_trains_end_to_end(tiny_model_dir, tmp_path, algo
 
 def test_power_schedule_follows_tokens_and_kl_in_reward(tiny_model_dir, tmp_path):
     extra = {"optim.schedule": "power", "optim.power.ref_tokens": 10, "optim.power.b": -0.5,
-             "algorithm.kl_coef": 0.1, "algorithm.kl_in": "reward", "trainer.eval_at_start": "false"}
+             "algorithm.kl_coef": 0.1, "algorithm.kl_in": "reward", "trainer.eval_at_start": "false",
+             "rollout.is_correction": "true"}
     assert grpo.main(overrides(tiny_model_dir, tmp_path, 3, **extra)) == 0
     rows = history(tmp_path)
     lrs = [rows[s]["optim/lr"] for s in (1, 2, 3)]
     assert lrs[0] > lrs[1] > lrs[2] > 0  # past ref_tokens the power law decays with the tokens seen
     assert all("reward/kl_penalty" in rows[s] for s in (1, 2, 3))
+    # the hf engine samples with the trainer's own weights: its log-probs agree with the trainer's
+    assert all(rows[s]["sampling/logp_diff_mean"] < 1e-3 for s in (1, 2, 3))
+    assert all(abs(rows[s]["sampling/is_ratio_mean"] - 1) < 1e-3 for s in (1, 2, 3))

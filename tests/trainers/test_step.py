@@ -1,6 +1,8 @@
 """train_on_batch against a naive per-row loop, for several micro-batch sizes, with and without a KL term."""
 
 
+import math
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -247,3 +249,22 @@ def test_entropy_bonus_matches_a_naive_loop(mode):
     got, _ = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0, algo=algo)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("cap, factor", [(3.0, 2.0), (1.5, 1.5)])
+def test_rollout_importance_weights_scale_the_policy_gradient(cap, factor):
+    """Engine log-probs ln 2 below the trainer's: every weight is 2 (or the cap), so the gradient scales by it."""
+    from reasonrl.trainers.step import fixed_logprobs
+
+    batch = make_batch(seed=4)
+    adv = torch.tensor([0.8, -0.8, 0.0, 0.0, 1.5, -0.4])
+    plain, _ = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0)
+    logp, _ = fixed_logprobs(tiny_model(), batch, torch.arange(6), pad_id=PAD, temperature=1.0, micro_batch_size=6)
+    batch.rollout_logprobs = logp - math.log(2.0)
+    got, metrics = step_with_sgd(tiny_model(), batch, adv, micro=2, temperature=1.0,
+                                 rollout_is={"level": "token", "mode": "truncate", "cap": cap, "floor": 0.0})
+    for name in plain:
+        torch.testing.assert_close(got[name], factor * plain[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert metrics["sampling/logp_diff_max"] == pytest.approx(math.log(2.0), abs=1e-5)
+    assert metrics["sampling/is_ratio_min"] == pytest.approx(2.0, rel=1e-5)
+    assert metrics["sampling/is_ratio_max"] == pytest.approx(2.0, rel=1e-5)
