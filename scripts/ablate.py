@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def run_one(task: str, algo: str, seed: int, out: Path, args) -> None:
     if (out / "eval_results.json").is_file():
         print(f"[ablate] {algo} seed {seed}: already done in {out}", flush=True)
         return
+    if out.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(out)
     cmd = [
         sys.executable, "-m", "reasonrl.trainers.grpo", "--config", str(REPO / "recipes" / task / f"{algo}.yaml"),
         f"trainer.seed={seed}", f"trainer.steps={args.steps}", f"trainer.eval_every={args.eval_every}",
