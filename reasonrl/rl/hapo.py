@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from reasonrl.rl.losses import clipped_surrogate
+
 SIGN_MODES = ("paper", "released_code")
 
 _LOSS_LOG_FLOOR = 1e-8  # e = log(max(H, 1e-8)) in the loss statistics (§1.0)
@@ -314,33 +316,22 @@ def hapo_surrogate(
         adv, ratio, h_hat.detach().to(logp.dtype), eps_low_t=eps_low_t.to(logp.dtype),
         eps_high_t=eps_high_t.to(logp.dtype), beta=beta,
     )
-    lower = (1.0 - eps_low_t).to(logp.dtype)
-    upper = (1.0 + eps_high_t).to(logp.dtype)
-    clipped = torch.clamp(ratio, min=lower, max=upper)
-    loss = -torch.minimum(ratio * new_adv, clipped * new_adv)
-    dual = torch.zeros_like(mask, dtype=torch.bool)
-    if clip_ratio_c is not None:
-        capped = -new_adv * clip_ratio_c
-        dual = (new_adv < 0) & (loss > capped)
-        loss = torch.where(new_adv < 0, torch.minimum(loss, capped), loss)
+    # The clipping itself is the PPO surrogate with per-token bounds (float64 bounds, as the base bounds round).
+    loss, clip = clipped_surrogate(logp, old_logp, new_adv, eps_low=eps_low_t, eps_high=eps_high_t, mask=mask,
+                                   dual_clip=clip_ratio_c)
     with torch.no_grad():
         m = mask.bool()
         denom = m.sum().clamp(min=1).float()
-
-        def frac(x):
-            return (x & m).sum() / denom
 
         def mean(x):
             return torch.where(m, x, torch.zeros_like(x)).sum().float() / denom
 
         metrics = {
-            "clip/low_frac": frac((ratio < lower) & (new_adv < 0)),
-            "clip/high_frac": frac((ratio > upper) & (new_adv > 0)),
-            "clip/dual_frac": frac(dual),
+            **clip,
             "hapo/h_hat_mean": mean(h64),
             "hapo/eps_low_mean": mean(eps_low_t),
             "hapo/eps_high_mean": mean(eps_high_t),
-            "hapo/adv_changed_frac": frac(new_adv.detach() != adv.detach()),
+            "hapo/adv_changed_frac": ((new_adv.detach() != adv.detach()) & m).sum() / denom,
         }
     return loss, {k: v.detach() for k, v in metrics.items()}
 
