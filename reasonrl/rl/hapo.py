@@ -376,7 +376,16 @@ def adaptive_temperature(
     with torch.no_grad():
         if stats is None or tau == 0.0:
             return torch.full((logits.shape[0],), float(base_temperature), dtype=torch.float32, device=logits.device)
-        entropy = logits_entropy(logits).float()
+        return temperature_from_entropy(logits_entropy(logits).float(), base_temperature=base_temperature,
+                                        stats=stats, tau=tau, sign_mode=sign_mode)
+
+
+def temperature_from_entropy(
+    entropy: torch.Tensor, *, base_temperature: float, stats: EntropyStats, tau: float, sign_mode: str = "paper"
+) -> torch.Tensor:
+    """T_t = T0 (1 + τ ĥ(H)) for entropies H of any shape (the sampler's formula of `adaptive_temperature`, from
+    entropies already computed, e.g. to log the temperatures a batch was sampled with)."""
+    with torch.no_grad():
         h_hat = _h_hat(
             entropy, stats, sign_mode=sign_mode, log_floor=_ATS_LOG_FLOOR, sigma_eps=_ATS_SIGMA_EPS, clamp=True
         )

@@ -40,6 +40,7 @@ from reasonrl.trainers.data_order import prompts_for_step
 from reasonrl.trainers.evaluate import greedy_accuracy
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
 from reasonrl.trainers.prepare import (
+    adaptive_temperature_metrics,
     d3s_keep_fractions,
     d3s_rollout_keep,
     d3s_token_mask,
@@ -168,6 +169,7 @@ class GRPOTrainer:
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
             model_dtype=config.model.dtype, seed=config.trainer.seed,
         )
+        self.engine_asleep = False
         if config.rollout.engine == "server":  # the server starts from the base model; it must sample from ours
             self._sync_weights()
         a = config.algorithm
@@ -284,12 +286,19 @@ class GRPOTrainer:
         a, g = cfg.algorithm, cfg.rollout.group_size
         t0 = time.perf_counter()
         scored, extra = self._collect(self.step)
+        if getattr(self.engine, "sleep_enabled", False):  # colocated vLLM on GPU: free its memory for training
+            self.engine.sleep(level=1)
+            self.engine_asleep = True
         batch, valid = scored.batch, scored.valid
         t1 = time.perf_counter()
         lengths = batch.completion_mask.sum(-1).float()
         rewards, extra["reward/overlong_penalty"] = shape_rewards(
             scored.rewards.float(), lengths, overlong=a.overlong, max_new_tokens=cfg.rollout.max_new_tokens)
         old_logp, entropy = self._sampling_policy_pass(batch)
+        if a.hapo.adaptive_temperature and self.sampling_stats is not None and entropy is not None:
+            extra.update(adaptive_temperature_metrics(  # self.sampling_stats: still the ones this batch used
+                acc, entropy, batch.completion_mask, stats=self.sampling_stats, base_temperature=cfg.rollout.temperature,
+                tau=a.hapo.temperature_tau, sign_mode=a.hapo.sign_mode))
         if a.kl_in == "reward" and self.ref_model is not None:
             kl_penalty = self._kl_reward_penalty(batch, old_logp)
             rewards = rewards - kl_penalty.to(rewards)
@@ -370,8 +379,13 @@ class GRPOTrainer:
             return {}
         t0 = time.perf_counter()
         pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
+        if self.engine_asleep:
+            self.engine.wake_up(["weights"])  # weights first, KV cache after the push: a lower peak
         if pushes:
             self.engine.load_weights(self.policy.named_parameters())
+        if self.engine_asleep:
+            self.engine.wake_up(["kv_cache"])
+            self.engine_asleep = False
         if r.engine == "server":
             self.acc.wait_for_everyone()  # no rank generates from the server before the push is complete
         metrics = {"time/weight_sync": time.perf_counter() - t0}

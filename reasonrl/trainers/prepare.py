@@ -15,7 +15,7 @@ from reasonrl.rl.d3s import (
     token_score_threshold,
     tokens_at_or_above,
 )
-from reasonrl.rl.hapo import EntropyStats, entropy_stats, normalized_log_entropy
+from reasonrl.rl.hapo import EntropyStats, entropy_stats, normalized_log_entropy, temperature_from_entropy
 from reasonrl.rl.shaping import overlong_penalty, truncated_mask
 
 
@@ -82,3 +82,15 @@ def hapo_entropy_stats(acc, entropy: torch.Tensor, mask: torch.Tensor, *, pivot:
 
 def hapo_h_hat(entropy: torch.Tensor, stats: EntropyStats, *, sign_mode: str) -> torch.Tensor:
     return normalized_log_entropy(entropy, stats, sign_mode=sign_mode)
+
+
+def adaptive_temperature_metrics(acc, entropy: torch.Tensor, mask: torch.Tensor, *, stats: EntropyStats,
+                                 base_temperature: float, tau: float, sign_mode: str) -> dict[str, float]:
+    """Mean / min / max over the batch's tokens (every rank) of the temperatures HAPO's sampler used, recomputed from
+    the step's entropies with the statistics it sampled with."""
+    temps = temperature_from_entropy(gather_valid_values(acc, entropy, mask), base_temperature=base_temperature,
+                                     stats=stats, tau=tau, sign_mode=sign_mode)
+    if temps.numel() == 0:
+        return {}
+    return {"hapo/temperature_mean": temps.mean().item(), "hapo/temperature_min": temps.min().item(),
+            "hapo/temperature_max": temps.max().item()}

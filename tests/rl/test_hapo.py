@@ -13,6 +13,7 @@ from reasonrl.rl.hapo import (
     logits_entropy,
     normalized_log_entropy,
     redistribute_advantages,
+    temperature_from_entropy,
 )
 from reasonrl.rl.losses import aggregate_token_mean, clipped_surrogate
 
@@ -448,6 +449,17 @@ def test_adaptive_temperature_hand(sign_mode, expected):
     temps = adaptive_temperature(HAND_LOGITS, base_temperature=0.8, stats=HAND_STATS, tau=0.1, sign_mode=sign_mode)
     assert temps.dtype == torch.float32 and temps.shape == (4,)
     torch.testing.assert_close(temps, torch.tensor(expected), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "sign_mode, expected",
+    [("paper", [0.855452, 0.8, 0.786615, 0.72]), ("released_code", [0.855452, 0.8, 0.813385, 0.88])],
+)
+def test_temperature_from_entropy_hand(sign_mode, expected):
+    """The same hand case from the entropies (ln 4, ln 2, H(.25,.75), ~0) laid out as [2, 2]."""
+    entropy = torch.tensor([[math.log(4), math.log(2)], [0.562335, 1.3e-7]])
+    temps = temperature_from_entropy(entropy, base_temperature=0.8, stats=HAND_STATS, tau=0.1, sign_mode=sign_mode)
+    torch.testing.assert_close(temps.flatten(), torch.tensor(expected), atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("sign_mode", SIGN_MODES)

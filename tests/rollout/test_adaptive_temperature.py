@@ -1,5 +1,5 @@
-"""Adaptive Temperature Sampling processors: transformers (on the tiny model) and vLLM v1 (driven directly; the
-engine test is slow)."""
+"""Adaptive Temperature Sampling processors: transformers (on the tiny model) and vLLM v1 (driven directly, and in
+a real engine on a tiny model)."""
 
 import math
 import pickle
@@ -303,7 +303,7 @@ def test_module_imports_without_vllm():
     assert result.stdout.strip() == "ok"
 
 
-# ---------------------------------------------------------------- vLLM v1: a real engine (slow)
+# ---------------------------------------------------------------- vLLM v1: a real engine (tiny model, ~30 s)
 @pytest.fixture(scope="module")
 def peaky_model_dir(tmp_path_factory):
     """A tiny model vLLM's CPU backend accepts (head size 128 / 4 = 32; it supports >= 32, the default tiny model
@@ -323,7 +323,6 @@ def peaky_model_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.slow
 def test_vllm_engine_samples_from_adapted_distribution(peaky_model_dir):
     """Processed log-probs returned by vLLM equal log_softmax(logits / T_t) with T_t from the teacher-forced HF
     logits; a request without the args in the same batch gets plain temperature sampling."""

@@ -118,6 +118,10 @@ def test_every_algorithm_recipe_trains_end_to_end(tiny_model_dir, tmp_path, algo
         assert trained[-1]["d3s/sample_keep_frac"] == 1 and trained[-1]["d3s/token_keep_frac"] == 1
     if algo.startswith("hapo"):
         assert "hapo/entropy_pivot" in trained[0] and "hapo/adv_changed_frac" in trained[0]
+        # step 1 samples at T0 (no statistics yet); later steps log the temperatures they sampled with
+        assert "hapo/temperature_mean" not in trained[0]
+        assert trained[1]["hapo/temperature_min"] <= trained[1]["hapo/temperature_mean"] <= trained[1][
+            "hapo/temperature_max"]
     if algo == "dapo" or algo.startswith("hapo"):
         assert all(r["dynamic/gen_rounds"] >= 1 for r in trained)
         assert "reward/overlong_penalty" in trained[0]
