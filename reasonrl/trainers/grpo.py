@@ -39,6 +39,8 @@ from reasonrl.trainers.collect import Scored, dynamic_sampling
 from reasonrl.trainers.data_order import prompts_for_step
 from reasonrl.trainers.evaluate import greedy_accuracy
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
+from reasonrl.trainers.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from reasonrl.trainers.preemption import PreemptionWatch
 from reasonrl.trainers.prepare import (
     adaptive_temperature_metrics,
     d3s_keep_fractions,
@@ -170,6 +172,7 @@ class GRPOTrainer:
             model_dtype=config.model.dtype, seed=config.trainer.seed,
         )
         self.engine_asleep = False
+        self.preempted_by: str | None = None  # the signal that stopped the run early, if any
         if config.rollout.engine == "server":  # the server starts from the base model; it must sample from ours
             self._sync_weights()
         a = config.algorithm
@@ -456,16 +459,25 @@ class GRPOTrainer:
         if cfg.eval_at_start and self.step == 0 and self.eval_rows:
             self.tracker.log(0, self.evaluate(), console=tqdm.write)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="GRPO", disable=not show, dynamic_ncols=True)
-        while self.step < cfg.steps:
-            metrics = self.train_step()
-            last = self.step == cfg.steps
-            if self.eval_rows and (last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)):
-                metrics.update(self.evaluate())
-            self.tracker.log(self.step, metrics, console=tqdm.write)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-            if last or (cfg.save_every > 0 and self.step % cfg.save_every == 0):
-                self.save()
+        with PreemptionWatch() as watch:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                last = self.step == cfg.steps
+                if self.eval_rows and (last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)):
+                    metrics.update(self.evaluate())
+                self.tracker.log(self.step, metrics, console=tqdm.write)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+                saved = last or (cfg.save_every > 0 and self.step % cfg.save_every == 0)
+                if saved:
+                    self.save()
+                if not last and watch.requested(self.acc):
+                    if not saved:
+                        self.save()
+                    self.preempted_by = watch.signal_name
+                    tqdm.write(f"{self.preempted_by} received: stopped after step {self.step} with a checkpoint in "
+                               f"{self.out_dir}; run the same command with trainer.resume=auto to continue")
+                    break
         bar.close()
         in_sync = self.ranks_hold_identical_parameters()
         if show:
@@ -530,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run()
     finally:
         trainer.close()
-    return 0
+    return PREEMPTED_EXIT_CODE if trainer.preempted_by else 0
 
 
 if __name__ == "__main__":
