@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_processes_end_with_identical_parameters(tiny_model_dir, tmp_path):
+def test_two_processes_end_with_identical_parameters_and_resume_on_one(tiny_model_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reasonrl.trainers.grpo",
@@ -28,3 +28,13 @@ def test_two_processes_end_with_identical_parameters(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss/policy" in r] == [1, 2]
     assert all(r["train/skipped"] == 0 for r in rows if "loss/policy" in r)  # both steps really trained
+    # the 2-process checkpoint resumes in a single process (a change of process count)
+    resume = [sys.executable, "-m", "reasonrl.trainers.grpo", *cmd[cmd.index("--config"):], "trainer.steps=3",
+              "trainer.resume=auto"]
+    done = subprocess.run(resume, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "at step 2" in done.stdout
+    summary = json.loads((tmp_path / "eval_results.json").read_text())
+    assert summary["num_processes"] == 1 and summary["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/policy" in r] == [1, 2, 3]
