@@ -66,6 +66,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (kept in the completion, like EOS)
     batch_size: int = 64  # sequences generated together by the hf engine
     # Importance-sampling correction for the engine/trainer mismatch (reasonrl/rl/importance.py);
     # null (auto): on for the vllm and server engines, off for hf (which samples with the trainer's own weights).

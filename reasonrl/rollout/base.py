@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     seed: int | None = None
     adaptive_temperature: AdaptiveTemperature | None = None
+    stop: tuple[str, ...] = ()  # stop strings: a completion ends after the token whose text completes one (kept)
 
 
 @dataclass

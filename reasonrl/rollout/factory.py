@@ -22,6 +22,7 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_ids=eos_token_ids(tokenizer, model),
             batch_size=rollout_cfg.batch_size,
+            tokenizer=tokenizer,
         )
     if rollout_cfg.engine == "vllm":
         from reasonrl.rollout.vllm_engine import VLLMEngine
@@ -32,6 +33,6 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
     if rollout_cfg.engine == "server":
         from reasonrl.rollout.server_engine import ServerEngine
 
-        return ServerEngine(rollout_cfg.server_url, eos_token_ids=eos_token_ids(tokenizer, model),
+        return ServerEngine(rollout_cfg.server_url, eos_token_ids=eos_token_ids(tokenizer, model), tokenizer=tokenizer,
                             timeout_s=rollout_cfg.server_timeout_s, weight_host=rollout_cfg.weight_host)
     raise ValueError(f"unknown rollout.engine {rollout_cfg.engine!r}")

@@ -6,14 +6,16 @@ import torch
 
 from reasonrl.rl.losses import token_logprobs_and_entropy
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
+from reasonrl.rollout.stops import stop_cut
 
 
 class HFEngine:
     """Generates with the trainer's own model, so `load_weights` has nothing to copy."""
 
     def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 64,
-                 return_entropy: bool = False):
+                 return_entropy: bool = False, tokenizer=None):
         self.model = model
+        self.tokenizer = tokenizer  # needed for stop strings only
         self.return_entropy = return_entropy  # token entropies at T=1 come free with the logits (HAPO, D3S use them)
         self.pad_token_id = pad_token_id
         self.eos_token_ids = set(eos_token_ids)
@@ -26,6 +28,8 @@ class HFEngine:
     def generate(self, prompt_ids, params: SamplingParams, max_new_tokens, logits_processors=None) -> RolloutOutput:
         if len(max_new_tokens) != len(prompt_ids):
             raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(prompt_ids)} prompts")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: HFEngine(..., tokenizer=tokenizer)")
         rows = [(ids, budget) for ids, budget in zip(prompt_ids, max_new_tokens) for _ in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -61,6 +65,7 @@ class HFEngine:
             pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids),
             logits_processor=logits_processors,
+            **({"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}),
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -73,19 +78,25 @@ class HFEngine:
         if out.entropies is not None:
             _, entropy = token_logprobs_and_entropy(logits, generated, temperature=1.0)
         for i, (_, budget) in enumerate(rows):
-            ids, reason = self._trim(generated[i].tolist(), budget)
+            ids, reason = self._trim(generated[i].tolist(), budget, params.stop)
             out.completion_ids.append(ids)
             out.logprobs.append(token_logp[i, : len(ids)].tolist())
             out.finish_reasons.append(reason)
             if entropy is not None:
                 out.entropies.append(entropy[i, : len(ids)].tolist())
 
-    def _trim(self, ids: list[int], budget: int) -> tuple[list[int], str]:
-        """Cut at the first EOS (kept) or at this row's own budget."""
-        for t, token in enumerate(ids[:budget]):
+    def _trim(self, ids: list[int], budget: int, stops: tuple[str, ...] = ()) -> tuple[list[int], str]:
+        """Cut at the first EOS (kept), the first stop string (kept), or this row's own budget."""
+        ids, reason = ids[:budget], "length"
+        for t, token in enumerate(ids):
             if token in self.eos_token_ids:
-                return ids[: t + 1], "stop"
-        return ids[:budget], "length"
+                ids, reason = ids[: t + 1], "stop"
+                break
+        cut = stop_cut(ids, self._decode, stops)
+        return (ids[:cut], "stop") if cut is not None else (ids, reason)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _adaptive_temperature_processor(params: SamplingParams):

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
+from reasonrl.rollout.stops import cut_at_stop_strings
 from reasonrl.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, pack_bucket, plan_buckets, tensor_meta
 from reasonrl.rollout.weight_group import broadcast_from_trainer, join_group, rendezvous_store
 
@@ -89,6 +90,7 @@ class ServerEngine:
         base_url: str,
         *,
         eos_token_ids: list[int],
+        tokenizer=None,
         timeout_s: float = 600.0,
         weight_host: str | None = None,
         weight_dtype: torch.dtype | None = None,
@@ -98,6 +100,7 @@ class ServerEngine:
     ):
         self.client = ServerClient(base_url, timeout_s)
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.tokenizer = tokenizer  # needed for stop strings only
         self.weight_host = weight_host or local_address_towards(urllib.parse.urlparse(self.client.base_url).hostname)
         self.weight_dtype = weight_dtype
         self.bucket_bytes = bucket_bytes
@@ -137,6 +140,8 @@ class ServerEngine:
                                       "server start); use HFEngine for them")
         if len(max_new_tokens) != len(prompt_ids):
             raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(prompt_ids)} prompts")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: ServerEngine(..., tokenizer=tokenizer)")
         payloads = [self._payload(list(p), params, budget, i) for i, (p, budget) in
                     enumerate(zip(prompt_ids, max_new_tokens))]
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(payloads)))) as pool:
@@ -155,6 +160,8 @@ class ServerEngine:
                 out.completion_ids.append(ids)
                 out.logprobs.append([float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)])
                 out.finish_reasons.append("length" if choice["finish_reason"] == "length" else "stop")
+        if params.stop:  # the server stops on the text; cut the ids where every engine does
+            cut_at_stop_strings(out, params.stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
         return out
 
     def _complete(self, payload: dict | None) -> dict | None:
@@ -173,6 +180,8 @@ class ServerEngine:
             "top_k": params.top_k,
             "max_tokens": budget,
             "stop_token_ids": self.eos_token_ids,
+            "stop": list(params.stop),
+            "include_stop_str_in_output": True,
             "logprobs": 0,
             "return_token_ids": True,
             "skip_special_tokens": False,

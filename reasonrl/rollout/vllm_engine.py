@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
+from reasonrl.rollout.stops import cut_at_stop_strings
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -151,6 +152,9 @@ class VLLMEngine:
                 continue
             for completion in sorted(by_prompt[i].outputs, key=lambda c: c.index):
                 self._append_completion(out, completion)
+        if params.stop:  # vLLM stops on the text; cut the token ids where every engine does (rollout/stops.py)
+            tokenizer = self.llm.get_tokenizer()
+            cut_at_stop_strings(out, params.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
         return out
 
     def _vllm_params(self, params: SamplingParams, budget: int, *, prompt_index: int):
@@ -180,8 +184,10 @@ class VLLMEngine:
             seed=seed,
             max_tokens=budget,
             stop_token_ids=self.eos_token_ids,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
             logprobs=0,  # only the sampled token's log-prob
-            detokenize=False,
+            detokenize=bool(params.stop),  # stop strings are matched on the text
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 

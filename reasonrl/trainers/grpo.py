@@ -211,7 +211,7 @@ class GRPOTrainer:
             adaptive = AdaptiveTemperature(tuple(self.sampling_stats.to_list()), tau=h.temperature_tau,
                                            sign_mode=h.sign_mode)
         return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed,
-                              adaptive_temperature=adaptive)
+                              adaptive_temperature=adaptive, stop=tuple(r.stop))
 
     def _generate(self, rows: list[dict], params: SamplingParams) -> tuple[RolloutBatch, list[str]]:
         r = self.config.rollout

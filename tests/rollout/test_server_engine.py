@@ -99,6 +99,18 @@ def test_health_dtype_and_sampling(engine, hf_model):
     assert greedy.completion_ids[0] == greedy.completion_ids[1]
 
 
+def test_stop_strings_end_completions_where_hf_would(engine, vllm_tiny_model_dir):
+    from test_stops import assert_stops_respected
+
+    from reasonrl.models import load_tokenizer
+
+    tokenizer = load_tokenizer(vllm_tiny_model_dir)
+    engine.tokenizer = tokenizer
+    stops = ("a", "e", "7")
+    out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, seed=5, stop=stops), [30] * 3)
+    assert_stops_respected(out, tokenizer, stops, 30)
+
+
 def test_push_is_refused_before_any_client_joined(server, engine):
     _, url, _ = server
     intruder = ServerClient(url, 30)
