@@ -146,6 +146,16 @@ def vllm_extra_args(
     }
 
 
+def request_extra_args(params) -> dict[str, Any]:
+    """The extra_args that switch the vLLM processor on for a request built from our `SamplingParams` ({} when it
+    samples without adaptive temperature, or greedily)."""
+    spec = params.adaptive_temperature
+    if spec is None or params.temperature <= 0:
+        return {}
+    return vllm_extra_args(EntropyStats.from_list(list(spec.stats)), tau=spec.tau,
+                           base_temperature=params.temperature, sign_mode=spec.sign_mode)
+
+
 def _parse_request(params) -> tuple | None:
     """(stats, tau, base_temperature, sign_mode, sampler_temperature) for a vLLM request, or None when the processor
     does nothing for it (no args under EXTRA_ARGS_KEY, τ = 0, or a greedy request). Raises ValueError on bad args."""

@@ -26,6 +26,12 @@ class SamplingParams:
     adaptive_temperature: AdaptiveTemperature | None = None
     stop: tuple[str, ...] = ()  # stop strings: a completion ends after the token whose text completes one (kept)
 
+    def request_seed(self, prompt_index: int) -> int | None:
+        """Seed of prompt ``prompt_index``'s request in the vLLM engines, which give its j-th of n children
+        ``seed + j``: offsetting by ``prompt_index * n`` gives every completion of a call its own stream, so identical
+        prompts in one batch still get different samples, and the same call is reproducible."""
+        return None if self.seed is None else self.seed + prompt_index * self.n
+
 
 @dataclass
 class RolloutOutput:
@@ -35,6 +41,13 @@ class RolloutOutput:
     logprobs: list[list[float]]  # log-prob of each sampled token under the sampling distribution
     finish_reasons: list[str]  # "stop" (EOS) or "length" (hit its max_new_tokens)
     entropies: list[list[float]] | None = None  # per-token entropy at T=1 of the sampling policy, if the engine has it
+
+    def append_empty(self, n: int) -> None:
+        """``n`` empty completions (a prompt with no token budget)."""
+        for _ in range(n):
+            self.completion_ids.append([])
+            self.logprobs.append([])
+            self.finish_reasons.append("length")
 
 
 @runtime_checkable

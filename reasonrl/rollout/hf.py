@@ -6,7 +6,7 @@ import torch
 
 from reasonrl.rl.losses import token_logprobs_and_entropy
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
-from reasonrl.rollout.stops import stop_cut
+from reasonrl.rollout.stops import stop_cut, text_decoder
 
 
 class HFEngine:
@@ -92,11 +92,8 @@ class HFEngine:
             if token in self.eos_token_ids:
                 ids, reason = ids[: t + 1], "stop"
                 break
-        cut = stop_cut(ids, self._decode, stops)
+        cut = stop_cut(ids, text_decoder(self.tokenizer), stops)
         return (ids[:cut], "stop") if cut is not None else (ids, reason)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _adaptive_temperature_processor(params: SamplingParams):

@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from reasonrl.rollout.adaptive_temperature import request_extra_args
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
-from reasonrl.rollout.stops import cut_at_stop_strings
+from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
 from reasonrl.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, pack_bucket, plan_buckets, tensor_meta
 from reasonrl.rollout.weight_group import broadcast_from_trainer, join_group, rendezvous_store
 
@@ -151,17 +152,14 @@ class ServerEngine:
         for response in responses:
             choices = sorted(response["choices"], key=lambda c: c["index"]) * greedy_copies if response else []
             if not choices:
-                for _ in range(params.n):
-                    out.completion_ids.append([])
-                    out.logprobs.append([])
-                    out.finish_reasons.append("length")
+                out.append_empty(params.n)
             for choice in choices:
                 ids = list(choice["token_ids"])
                 out.completion_ids.append(ids)
                 out.logprobs.append([float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)])
                 out.finish_reasons.append("length" if choice["finish_reason"] == "length" else "stop")
         if params.stop:  # the server stops on the text; cut the ids where every engine does
-            cut_at_stop_strings(out, params.stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+            cut_at_stop_strings(out, params.stop, text_decoder(self.tokenizer))
         return out
 
     def _complete(self, payload: dict | None) -> dict | None:
@@ -187,15 +185,10 @@ class ServerEngine:
             "skip_special_tokens": False,
         }
         if params.seed is not None:
-            payload["seed"] = params.seed + prompt_index * params.n
-        if params.adaptive_temperature is not None and params.temperature > 0:
-            from reasonrl.rl.hapo import EntropyStats
-            from reasonrl.rollout.adaptive_temperature import vllm_extra_args
-
-            spec = params.adaptive_temperature
-            args = vllm_extra_args(EntropyStats.from_list(list(spec.stats)), tau=spec.tau,
-                                   base_temperature=params.temperature, sign_mode=spec.sign_mode)
-            payload["vllm_xargs"] = {key: json.dumps(value) for key, value in args.items()}
+            payload["seed"] = params.request_seed(prompt_index)
+        extra_args = request_extra_args(params)
+        if extra_args:  # the OpenAI route takes flat values only: the processor's dict travels as JSON
+            payload["vllm_xargs"] = {key: json.dumps(value) for key, value in extra_args.items()}
         return payload
 
     def prompt_logprobs(self, prompt_ids, completion_ids) -> list[list[float]]:
@@ -232,11 +225,10 @@ class ServerEngine:
         """Push ``(hf_name, tensor)`` pairs: metadata over HTTP, bytes over gloo, bucket by bucket."""
         if self.group is None:
             self.join()
-        pairs = [(name, self._wire(tensor)) for name, tensor in named_tensors]
-        metas = [tensor_meta(name, tensor) for name, tensor in pairs]
+        tensors = {name: tensor.detach() for name, tensor in named_tensors}  # references: nothing copied yet
+        metas = [tensor_meta(name, tensor, self.weight_dtype) for name, tensor in tensors.items()]
         update_info = {"token": self.token, "names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
-        tensors = dict(pairs)
         self.client.post("/start_weight_update")
         errors: list[BaseException] = []
 
@@ -252,7 +244,8 @@ class ServerEngine:
             for bucket in plan_buckets(metas, self.bucket_bytes):
                 if errors:
                     break
-                broadcast_from_trainer(self.group, pack_bucket([tensors[m.name] for m in bucket]))
+                # cast bucket by bucket, so at most one bucket of converted weights exists at a time
+                broadcast_from_trainer(self.group, pack_bucket([self._wire(tensors[m.name]) for m in bucket]))
         finally:
             receiver.join(timeout=self.client.timeout_s)
         if errors:
@@ -262,7 +255,6 @@ class ServerEngine:
         self.client.post("/reset_prefix_cache")
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
         return tensor if self.weight_dtype is None else tensor.to(self.weight_dtype)
 
     def close(self) -> None:

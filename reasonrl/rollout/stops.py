@@ -21,6 +21,11 @@ def stop_cut(ids: Sequence[int], decode: Callable[[list[int]], str], stops: Sequ
     return high
 
 
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """The decode function the cuts use: the tokens' text, special tokens included."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def _contains(text: str, stops: Sequence[str]) -> bool:
     return any(stop in text for stop in stops)
 

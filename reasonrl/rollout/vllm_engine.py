@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
-from reasonrl.rollout.stops import cut_at_stop_strings
+from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -148,13 +148,12 @@ class VLLMEngine:
         out = RolloutOutput([], [], [])
         for i in range(len(prompt_ids)):
             if i not in by_prompt:
-                self._append_empty(out, params.n)
+                out.append_empty(params.n)
                 continue
             for completion in sorted(by_prompt[i].outputs, key=lambda c: c.index):
                 self._append_completion(out, completion)
         if params.stop:  # vLLM stops on the text; cut the token ids where every engine does (rollout/stops.py)
-            tokenizer = self.llm.get_tokenizer()
-            cut_at_stop_strings(out, params.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+            cut_at_stop_strings(out, params.stop, text_decoder(self.llm.get_tokenizer()))
         return out
 
     def _vllm_params(self, params: SamplingParams, budget: int, *, prompt_index: int):
@@ -166,22 +165,15 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        seed = None if params.seed is None else params.seed + prompt_index * params.n
-        extra_args = None
-        if params.adaptive_temperature is not None and params.temperature > 0:
-            from reasonrl.rl.hapo import EntropyStats
-            from reasonrl.rollout.adaptive_temperature import vllm_extra_args
+        from reasonrl.rollout.adaptive_temperature import request_extra_args
 
-            spec = params.adaptive_temperature
-            extra_args = vllm_extra_args(EntropyStats.from_list(list(spec.stats)), tau=spec.tau,
-                                         base_temperature=params.temperature, sign_mode=spec.sign_mode) or None
         return VLLMSamplingParams(
-            extra_args=extra_args,
+            extra_args=request_extra_args(params) or None,
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            seed=seed,
+            seed=params.request_seed(prompt_index),
             max_tokens=budget,
             stop_token_ids=self.eos_token_ids,
             stop=list(params.stop) or None,
@@ -190,13 +182,6 @@ class VLLMEngine:
             detokenize=bool(params.stop),  # stop strings are matched on the text
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-
-    @staticmethod
-    def _append_empty(out: RolloutOutput, n: int) -> None:
-        for _ in range(n):
-            out.completion_ids.append([])
-            out.logprobs.append([])
-            out.finish_reasons.append("length")
 
     @staticmethod
     def _append_completion(out: RolloutOutput, completion) -> None:

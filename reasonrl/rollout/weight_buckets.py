@@ -32,8 +32,9 @@ class TensorMeta:
         return -(-self.nbytes // ALIGN) * ALIGN
 
 
-def tensor_meta(name: str, tensor: torch.Tensor) -> TensorMeta:
-    return TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+def tensor_meta(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorMeta:
+    """The tensor's name and shape, with its own dtype or the ``dtype`` it will be cast to before it is sent."""
+    return TensorMeta(name, str(dtype or tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
 
 def plan_buckets(metas: list[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[TensorMeta]]:

@@ -463,12 +463,12 @@ class GRPOTrainer:
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 last = self.step == cfg.steps
-                if self.eval_rows and (last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)):
+                if self.eval_rows and (last or _due(self.step, cfg.eval_every)):
                     metrics.update(self.evaluate())
                 self.tracker.log(self.step, metrics, console=tqdm.write)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-                saved = last or (cfg.save_every > 0 and self.step % cfg.save_every == 0)
+                saved = last or _due(self.step, cfg.save_every)
                 if saved:
                     self.save()
                 if not last and watch.requested(self.acc):
@@ -508,6 +508,7 @@ class GRPOTrainer:
 
 
 def _due(step: int, every: int) -> bool:
+    """Whether an every-N-steps action (eval, save, sync check) runs after `step`; N = 0 means never."""
     return every > 0 and step % every == 0
 
 

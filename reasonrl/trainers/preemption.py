@@ -38,7 +38,7 @@ class PreemptionWatch:
     def requested(self, acc) -> bool:
         """True on every rank if any rank received a preemption signal."""
         flag = torch.tensor(0.0 if self.received is None else 1.0, device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0) if acc.num_processes > 1 else bool(flag.item())
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     @property
     def signal_name(self) -> str:
