@@ -25,10 +25,28 @@ def choice(default, choices, doc=""):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): only they train and are checkpointed; the KL reference is the base model."""
+
+    enabled: bool = False
+    r: int = 16  # rank
+    alpha: int = 32  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    # module names (suffixes) that get adapters; [all-linear]: every linear layer but the LM head
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"  # local HF folder, hub id, or built-in name
     dtype: str = choice("float32", ["float32", "bfloat16", "float16"])
     attn_implementation: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # recompute each decoder layer's activations in backward (less memory, more compute). Transformers drops the KV
+    # cache under it, so the padded forward runs whole sequences instead of sharing each prompt's cache
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -189,6 +207,10 @@ class OptimConfig:
     final_factor: float = 0.0  # wsd
     power: PowerConfig = field(default_factory=PowerConfig)
     micro_batch_size: int = 16
+    # model-input tokens (prompt + completion, summed over rows when packed, rows x longest otherwise) per
+    # micro-batch; when set, micro-batches are formed by this budget instead of micro_batch_size rows
+    micro_batch_tokens: int | None = None
+    packing: bool = False  # padding-free training forward: a micro-batch's sequences concatenated into one row
 
 
 @dataclass
@@ -203,6 +225,9 @@ class TrainerConfig:
     resume: str = choice("none", ["none", "auto"])
     seed: int = 0
     strict_rewards: bool = False
+    # every collective (gradient reduction, gathers) fails after this long instead of hanging: a process that died
+    # or stalls stops the whole job with an error naming the collective
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

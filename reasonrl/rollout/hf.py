@@ -13,8 +13,10 @@ class HFEngine:
     """Generates with the trainer's own model, so `load_weights` has nothing to copy."""
 
     def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], batch_size: int = 64,
-                 return_entropy: bool = False, tokenizer=None):
+                 return_entropy: bool = False, tokenizer=None, synced_gpus: bool = False):
         self.model = model
+        # ZeRO-3: every forward gathers parameters from all ranks, so ranks keep stepping until all are done
+        self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer  # needed for stop strings only
         self.return_entropy = return_entropy  # token entropies at T=1 come free with the logits (HAPO, D3S use them)
         self.pad_token_id = pad_token_id
@@ -65,6 +67,7 @@ class HFEngine:
             pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids),
             logits_processor=logits_processors,
+            synced_gpus=self.synced_gpus,
             **({"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}),
             output_logits=True,
             return_dict_in_generate=True,

@@ -2,6 +2,8 @@
 
 Layout of `<output_dir>/checkpoints/step-000010/`:
   model/            HF folder (config, safetensors, tokenizer): `reasonrl eval` and transformers load it
+  adapter/          instead of model/ with model.lora.enabled: peft adapters only (adapter_config.json,
+                    adapter_model.safetensors) and the tokenizer; the base weights stay those of model.name_or_path
   trainer_state.pt  optimizer, scheduler, step, data position, tracker state
   rng_rank{r}.pt    python / torch RNG states of each process
 `<output_dir>/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically too.
@@ -51,10 +53,17 @@ def write_rank_files(stage: Path, rank: int) -> None:
     torch.save(rng_state(), stage / f"rng_rank{rank}.pt")
 
 
-def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict) -> None:
-    """Main process only: the HF model folder and the trainer state."""
-    model.save_pretrained(stage / "model", safe_serialization=True)
-    tokenizer.save_pretrained(stage / "model")
+def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> None:
+    """Main process only: the HF model folder (a LoRA policy: its adapter folder only) and the trainer state."""
+    from reasonrl.trainers import lora
+
+    if lora.is_lora_model(model):
+        folder = stage / lora.ADAPTER_DIR
+        lora.save_adapters(model, folder)
+    else:
+        folder = stage / "model"
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)  # state_dict: gathered ZeRO-3
+    tokenizer.save_pretrained(folder)
     torch.save(trainer_state, stage / "trainer_state.pt")
 
 

@@ -8,13 +8,19 @@ from reasonrl.rollout.base import SamplingParams
 
 
 def greedy_accuracy(
-    engine, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, answer_mode: str = "lenient"
+    engine, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, answer_mode: str = "lenient",
+    num_scored: int | None = None,
 ) -> dict:
-    """Returns {"correct", "n", "tokens", "samples"}: counts, so ranks can sum them before dividing."""
+    """Returns {"correct", "n", "tokens", "samples"}: counts, so ranks can sum them before dividing.
+
+    num_scored: count only the first rows (the rest only keep ranks that generate in lockstep, ZeRO-3, in step).
+    """
     if not rows:
         return {"correct": 0.0, "n": 0.0, "tokens": 0.0, "samples": []}
     prompts = [encode_prompt(tokenizer, row["question"], template) for row in rows]
     out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0), [max_new_tokens] * len(prompts))
+    if num_scored is not None:
+        rows, out.completion_ids = rows[:num_scored], out.completion_ids[:num_scored]
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     scores = accuracy_reward(texts, [row["answer"] for row in rows], mode=answer_mode)
     samples = [

@@ -35,8 +35,20 @@ from reasonrl.rl.shaping import kl_reward_penalty
 from reasonrl.rollout.base import AdaptiveTemperature, SamplingParams
 from reasonrl.rollout.factory import build_engine
 from reasonrl.trainers import checkpoint as ckpt
+from reasonrl.trainers import lora
 from reasonrl.trainers.collect import Scored, dynamic_sampling
 from reasonrl.trainers.data_order import prompts_for_step
+from reasonrl.trainers.distributed import (
+    build_accelerator,
+    configure_deepspeed,
+    fingerprint,
+    full_named_parameters,
+    is_peer_failure,
+    load_portable_optimizer_state,
+    portable_optimizer_state,
+    sharded_inference_engine,
+    zero_stage,
+)
 from reasonrl.trainers.evaluate import greedy_accuracy
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
 from reasonrl.trainers.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -79,6 +91,9 @@ def validate(config: RecipeConfig, world_size: int) -> None:
         raise ConfigError(f"rollout.temperature={r.temperature}: sampling for training needs a temperature > 0")
     if config.optim.micro_batch_size < 1 or config.algorithm.num_iterations < 1 or config.trainer.steps < 1:
         raise ConfigError("optim.micro_batch_size, algorithm.num_iterations and trainer.steps must be >= 1")
+    if config.optim.micro_batch_tokens is not None and config.optim.micro_batch_tokens < 1:
+        raise ConfigError(f"optim.micro_batch_tokens={config.optim.micro_batch_tokens} must be >= 1 (or null: "
+                          "micro-batches of optim.micro_batch_size rows)")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
     for spec in config.rewards:
@@ -87,6 +102,7 @@ def validate(config: RecipeConfig, world_size: int) -> None:
         except ValueError as err:
             raise ConfigError(f"rewards: {err}") from err
     validate_algorithm(config)
+    validate_lora(config.model.lora)
 
 
 def validate_algorithm(config: RecipeConfig) -> None:
@@ -130,6 +146,17 @@ def validate_algorithm(config: RecipeConfig) -> None:
             raise ConfigError("optim.power.decay_tokens > 0 needs optim.power.total_tokens")
 
 
+def validate_lora(spec) -> None:
+    if spec.r < 1:
+        raise ConfigError(f"model.lora.r={spec.r} must be >= 1")
+    if spec.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha={spec.alpha} must be > 0")
+    if not 0 <= spec.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={spec.dropout} must be in [0, 1)")
+    if not spec.target_modules:
+        raise ConfigError("model.lora.target_modules must name at least one module (or be [all-linear])")
+
+
 def _uses_hapo_entropy(algo) -> bool:
     h = algo.hapo
     return h.adaptive_temperature or h.adaptive_clip or h.redistribution
@@ -138,7 +165,8 @@ def _uses_hapo_entropy(algo) -> bool:
 class GRPOTrainer:
     def __init__(self, config: RecipeConfig, accelerator: Accelerator | None = None):
         self.config = config
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or build_accelerator(config.trainer.collective_timeout_s)
+        self.zero = zero_stage(self.acc)  # DeepSpeed ZeRO stage, None without DeepSpeed
         validate(config, self.acc.num_processes)
         self.out_dir = Path(config.trainer.output_dir)
         set_seed(config.trainer.seed)
@@ -154,26 +182,46 @@ class GRPOTrainer:
             self.model_path = resolve_model_path(config.model.name_or_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.resume_from = ckpt.latest_checkpoint(self.out_dir) if config.trainer.resume == "auto" else None
-        policy_path = str(self.resume_from / "model") if self.resume_from else self.model_path
+        lora_on = config.model.lora.enabled  # LoRA: the base weights always come from model_path
+        policy_path = str(self.resume_from / "model") if self.resume_from and not lora_on else self.model_path
         model = load_model(policy_path, dtype=config.model.dtype, attn_implementation=config.model.attn_implementation)
+        if config.model.gradient_checkpointing:  # active in train mode only (see policy.completion_logprobs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # (from_pretrained returns eval mode; the engines switch to eval mode to generate)
+        if lora_on:  # only the adapters train; a resumed run puts its saved adapters on the base model
+            model = lora.apply_lora(model, config.model.lora)
+            if self.resume_from:
+                lora.load_adapters(model, self.resume_from / lora.ADAPTER_DIR)
         self.ref_model = None
-        if config.algorithm.kl_coef > 0:
+        if config.algorithm.kl_coef > 0 and lora_on:  # the reference is the policy with its adapters off
+            self.ref_model = lora.DisabledAdapterReference(model)
+        elif config.algorithm.kl_coef > 0:
             self.ref_model = load_model(self.model_path, dtype=config.model.dtype).eval().requires_grad_(False)
             self.ref_model.to(self.acc.device)
         optimizer = build_optimizer(model, config.optim)
+        if self.zero is not None:
+            configure_deepspeed(self.acc, max_grad_norm=config.optim.max_grad_norm)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scheduler = build_scheduler(  # not prepared: see build_scheduler
             optimizer, config.optim, total_steps=config.trainer.steps,
             sequences_per_step=config.rollout.prompts_per_step * config.rollout.group_size,
         )
         self.policy = self.acc.unwrap_model(self.model)
+        if self.zero == 3 and self.ref_model is not None and not lora_on:  # loaded sharded (zero.Init): give it
+            self.ref_model = sharded_inference_engine(self.ref_model, self.acc)  # ZeRO-3's gather hooks
+        if self.zero == 3 and lora_on:
+            raise ConfigError("model.lora.enabled with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 (LoRA's "
+                              "optimizer state is small) or full fine-tuning under ZeRO-3")
         self.engine = build_engine(
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
             model_dtype=config.model.dtype, seed=config.trainer.seed,
         )
+        if self.zero == 3 and hasattr(self.engine, "synced_gpus"):
+            self.engine.synced_gpus = True
         self.engine_asleep = False
         self.preempted_by: str | None = None  # the signal that stopped the run early, if any
-        if config.rollout.engine == "server":  # the server starts from the base model; it must sample from ours
+        # the server (and a resumed LoRA run's vllm engine) starts from the base model; it must sample from ours
+        if config.rollout.engine == "server" or (lora_on and self.resume_from):
             self._sync_weights()
         a = config.algorithm
         if hasattr(self.engine, "return_entropy"):  # free with the hf engine; others need an old-policy pass
@@ -267,14 +315,16 @@ class GRPOTrainer:
         rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
         logp, entropy = fixed_logprobs(self.model, batch, rows, pad_id=self.tokenizer.pad_token_id,
                                        temperature=self.config.rollout.temperature,
-                                       micro_batch_size=self.config.optim.micro_batch_size)
+                                       micro_batch_size=self.config.optim.micro_batch_size,
+                                       lockstep_acc=self.acc if self.zero == 3 else None)
         return (logp if need_logp else None), (entropy if batch.rollout_entropy is None else batch.rollout_entropy)
 
     def _kl_reward_penalty(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
         rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
         ref_logp, _ = fixed_logprobs(self.ref_model, batch, rows, pad_id=self.tokenizer.pad_token_id,
                                      temperature=self.config.rollout.temperature,
-                                     micro_batch_size=self.config.optim.micro_batch_size)
+                                     micro_batch_size=self.config.optim.micro_batch_size,
+                                     lockstep_acc=self.acc if self.zero == 3 else None)
         per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
         return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
 
@@ -384,15 +434,21 @@ class GRPOTrainer:
         pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
         if self.engine_asleep:
             self.engine.wake_up(["weights"])  # weights first, KV cache after the push: a lower peak
+        weights = full_named_parameters(self.policy, self.zero)  # under ZeRO-3 gathered bucket by bucket
+        if self.config.model.lora.enabled:  # the engine holds the plain model: push W + scale * B @ A
+            weights = lora.merged_named_parameters(self.policy)
         if pushes:
-            self.engine.load_weights(self.policy.named_parameters())
+            self.engine.load_weights(weights)
+        elif self.zero == 3:  # the gathers are collective: ranks that do not push take part all the same
+            for _ in weights:
+                pass
         if self.engine_asleep:
             self.engine.wake_up(["kv_cache"])
             self.engine_asleep = False
         if r.engine == "server":
             self.acc.wait_for_everyone()  # no rank generates from the server before the push is complete
         metrics = {"time/weight_sync": time.perf_counter() - t0}
-        if check and pushes and batch is not None:
+        if check and (pushes or self.zero == 3) and batch is not None:  # ZeRO-3: the trainer's forward is collective
             engine_dtype = getattr(self.engine, "dtype", None) or self.config.model.dtype
             tol = r.sync_check_tol if r.sync_check_tol is not None else default_tolerance(engine_dtype)
             metrics.update(check_weight_sync(self.engine, self.policy, batch, pad_id=self.tokenizer.pad_token_id,
@@ -402,10 +458,13 @@ class GRPOTrainer:
     # ----------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
         mine = self.eval_rows[self.acc.process_index :: self.acc.num_processes]
+        scored = len(mine)
+        if self.zero == 3 and self.config.rollout.engine == "hf" and mine:  # generation runs in lockstep: equal rows
+            mine = mine + mine[:1] * (math.ceil(len(self.eval_rows) / self.acc.num_processes) - len(mine))
         t0 = time.perf_counter()
         result = greedy_accuracy(
             self.engine, self.tokenizer, mine, template=self.config.data.template,
-            max_new_tokens=self.config.trainer.eval_max_new_tokens,
+            max_new_tokens=self.config.trainer.eval_max_new_tokens, num_scored=scored,
         )
         counts = torch.tensor([result["correct"], result["n"], result["tokens"]])
         correct, n, tokens = self.acc.reduce(counts, reduction="sum").tolist()
@@ -423,14 +482,18 @@ class GRPOTrainer:
             stage.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         ckpt.write_rank_files(stage, acc.process_index)
+        # one layout-free optimizer state (gathered from the ZeRO shards), so any process count can resume it
+        optimizer_state = portable_optimizer_state(self.optimizer, self._trainable(), self.zero)
+        state_dict = acc.get_state_dict(self.model) if self.zero == 3 else None  # gathered by DeepSpeed
         if acc.is_main_process:
             state = {
                 "step": self.step, "prompts_seen": self.step * self.config.rollout.prompts_per_step,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "eval_history": self.eval_history, "num_processes": acc.num_processes,
                 "sampling_stats": None if self.sampling_stats is None else self.sampling_stats.to_list(),
             }
-            ckpt.write_main_files(stage, model=self.policy, tokenizer=self.tokenizer, trainer_state=state)
+            ckpt.write_main_files(stage, model=self.policy, tokenizer=self.tokenizer, trainer_state=state,
+                                  state_dict=state_dict)
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.publish(self.out_dir, self.step, self.config.trainer.keep_last)
@@ -438,7 +501,7 @@ class GRPOTrainer:
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_portable_optimizer_state(self.optimizer, self._trainable(), self.zero, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])
@@ -499,11 +562,13 @@ class GRPOTrainer:
         if close is not None:
             close()
 
+    def _trainable(self) -> list:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     def ranks_hold_identical_parameters(self) -> bool:
         """Exact comparison of per-tensor float64 sums and absolute sums across processes."""
-        params = [p.detach().double() for p in self.policy.parameters()]
-        fingerprint = torch.stack([p.sum() for p in params] + [p.abs().sum() for p in params]).to(self.acc.device)
-        every_rank = self.acc.gather(fingerprint[None])  # [world, 2 * num_tensors]
+        local = fingerprint(self.policy.parameters(), self.zero).to(self.acc.device)
+        every_rank = self.acc.gather(local[None])  # [world, 2 * num_tensors]
         return bool((every_rank == every_rank[0]).all())
 
 
@@ -538,11 +603,20 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file weight loading bars drown the training progress bar
-    trainer = GRPOTrainer(config)
     try:
-        trainer.run()
-    finally:
-        trainer.close()
+        trainer = GRPOTrainer(config)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    except RuntimeError as err:  # a peer died or stalled: say so instead of a bare gloo/NCCL trace
+        if not is_peer_failure(err):
+            raise
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
+        print(f"rank {rank}: a collective operation failed, so another process of this job died or stopped "
+              f"responding (see its log); trainer.collective_timeout_s={config.trainer.collective_timeout_s}. "
+              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
+        return 1
     return PREEMPTED_EXIT_CODE if trainer.preempted_by else 0
 
 

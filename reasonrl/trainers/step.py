@@ -14,7 +14,8 @@ import torch
 from reasonrl.rl.hapo import hapo_surrogate
 from reasonrl.rl.importance import rollout_correction
 from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
-from reasonrl.trainers.policy import completion_logprobs
+from reasonrl.trainers.distributed import backward, optimizer_step, zero_stage
+from reasonrl.trainers.policy import completion_logprobs, packed_completion_logprobs
 
 
 def group_stats(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> dict:
@@ -51,12 +52,54 @@ def split_micro_batches(rows: torch.Tensor, size: int, count: int) -> list[torch
     return chunks + [rows.new_empty(0)] * (count - len(chunks))
 
 
-def _micro_logprobs(model, batch, idx, *, pad_id, temperature):
+def split_by_token_budget(rows: torch.Tensor, lengths: torch.Tensor, budget: int, *,
+                          padded: bool = False) -> list[torch.Tensor]:
+    """Consecutive chunks of `rows` (row order kept, so a group's rows stay together) whose token cost is <= budget.
+
+    lengths[k]: tokens of row rows[k] (prompt + completion). A chunk costs the sum of its lengths (a packed forward)
+    or, with `padded`, its row count times its longest length (a padded forward). Greedy: a row joins the current
+    chunk unless that would exceed the budget; a row longer than the budget gets a chunk of its own. No chunk is
+    empty; no rows, no chunks.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    chunks, start, total, longest = [], 0, 0, 0
+    for k, n in enumerate(lengths.tolist()):
+        grown_total, grown_longest = total + n, max(longest, n)
+        cost = (k - start + 1) * grown_longest if padded else grown_total
+        if k > start and cost > budget:
+            chunks.append(rows[start:k])
+            start, grown_total, grown_longest = k, n, n
+        total, longest = grown_total, grown_longest
+    if rows.numel():
+        chunks.append(rows[start:])
+    return chunks
+
+
+def row_tokens(batch, rows: torch.Tensor) -> torch.Tensor:
+    """Model-input tokens of each row in `rows`: prompt plus real completion tokens."""
+    prompt = torch.tensor([len(batch.prompt_ids[i]) for i in rows.tolist()], dtype=torch.long)
+    return prompt + batch.completion_mask[rows].sum(-1).cpu().long()
+
+
+def micro_batches(batch, rows: torch.Tensor, *, size: int, token_budget: int | None = None,
+                  packed: bool = False) -> list[torch.Tensor]:
+    """This rank's micro-batches of `rows`: `size` rows each, or, with a token budget, by tokens (costed as the
+    forward that will run: packed or padded). The caller pads the list to the count agreed across ranks."""
+    if token_budget is None:
+        return split_micro_batches(rows, size, 0)
+    return split_by_token_budget(rows, row_tokens(batch, rows), token_budget, padded=not packed)
+
+
+def _micro_logprobs(model, batch, idx, *, pad_id, temperature, packed: bool = False):
     """Log-probs/entropy [n, W] for rows `idx`, W = their longest completion (the model input is the whole
-    completion; which tokens count in the loss is the caller's business)."""
+    completion; which tokens count in the loss is the caller's business). `packed`: the padding-free forward;
+    otherwise the shared-prompt forward (or, under gradient checkpointing, the full padded sequences: see
+    `completion_logprobs`)."""
     inputs = batch.completion_mask[idx]
     width = max(1, int(inputs.sum(-1).max()))
-    logp, ent = completion_logprobs(
+    forward = packed_completion_logprobs if packed else completion_logprobs
+    logp, ent = forward(
         model, [batch.prompt_ids[i] for i in idx.tolist()], batch.completion_ids[idx, :width], inputs[:, :width],
         pad_id=pad_id, temperature=temperature,
     )
@@ -64,13 +107,26 @@ def _micro_logprobs(model, batch, idx, *, pad_id, temperature):
 
 
 @torch.no_grad()
-def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, micro_batch_size: int):
+def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, micro_batch_size: int,
+                   token_budget: int | None = None, packed: bool = False, lockstep_acc=None):
     """Log-probs and entropies [N, T] (zeros outside `rows`) under a frozen model: the reference policy, or the
-    policy that sampled the batch (for `num_iterations > 1`, HAPO and D3S)."""
+    policy that sampled the batch (for `num_iterations > 1`, HAPO and D3S). Micro-batches as in `micro_batches`.
+
+    lockstep_acc: an Accelerator when every forward is collective (a ZeRO-3 sharded model): all ranks then run the
+    same number of forwards, a rank with fewer micro-batches repeating a throw-away one.
+    """
     n, t = batch.completion_ids.shape
     logp, ent = torch.zeros(n, t), torch.zeros(n, t)
-    for idx in rows.split(micro_batch_size):
-        lp, h, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
+    chunks = micro_batches(batch, rows, size=micro_batch_size, token_budget=token_budget, packed=packed)
+    if lockstep_acc is not None:
+        count = int(lockstep_acc.reduce(torch.tensor(len(chunks), device=lockstep_acc.device), reduction="max"))
+        chunks = chunks + [None] * (count - len(chunks))
+    for idx in chunks:
+        if idx is None:  # keeps collective forwards in step with ranks that have more rows
+            _micro_logprobs(model, batch, torch.zeros(1, dtype=torch.long), pad_id=pad_id, temperature=temperature,
+                            packed=packed)
+            continue
+        lp, h, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature, packed=packed)
         logp[idx, :width], ent[idx, :width] = lp.float().cpu(), h.float().cpu()
     return logp, ent
 
@@ -105,9 +161,10 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     global_tokens, global_seqs = acc.reduce(counts, reduction="sum")
     kl_in_loss = ref_model is not None and algo.kl_in == "loss"
     rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
-    size = optim.micro_batch_size
-    count = int(acc.reduce(torch.tensor(math.ceil(rows.numel() / size), device=device), reduction="max"))
-    chunks = split_micro_batches(rows, size, count)
+    size, budget, packed = optim.micro_batch_size, optim.micro_batch_tokens, optim.packing
+    chunks = micro_batches(batch, rows, size=size, token_budget=budget, packed=packed)
+    count = int(acc.reduce(torch.tensor(len(chunks), device=device), reduction="max"))
+    chunks += [rows.new_empty(0)] * (count - len(chunks))  # every rank runs `count` forward/backward calls
     sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
     token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*, sampling/*)
     extremes: list[list[float]] = []  # per micro-batch [max |logp diff|, max IS ratio, -min IS ratio]
@@ -118,9 +175,12 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     ref_logp = None
     if kl_in_loss:
         ref_logp, _ = fixed_logprobs(ref_model, batch, rows, pad_id=pad_id, temperature=temperature,
-                                     micro_batch_size=size)
+                                     micro_batch_size=size, token_budget=budget, packed=packed,
+                                     lockstep_acc=acc if zero_stage(acc) == 3 else None)
     if old_logp is None and algo.num_iterations > 1:  # the ratio is measured against the policy that sampled
-        old_logp, _ = fixed_logprobs(model, batch, rows, pad_id=pad_id, temperature=temperature, micro_batch_size=size)
+        old_logp, _ = fixed_logprobs(model, batch, rows, pad_id=pad_id, temperature=temperature, micro_batch_size=size,
+                                     token_budget=budget, packed=packed,
+                                     lockstep_acc=acc if zero_stage(acc) == 3 else None)
     scale = acc.num_processes  # DDP averages gradients over ranks; the loss already divides by global counts
     agg = {"mode": algo.loss_agg, "num_tokens": global_tokens, "num_sequences": global_seqs}
     for _ in range(algo.num_iterations):
@@ -130,7 +190,8 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 idx = torch.zeros(1, dtype=torch.long)
             sync = k == len(chunks) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):
-                logp, ent, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature)
+                logp, ent, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature,
+                                                   packed=packed)
                 m = mask[idx, :width].to(logp.device)
                 old = logp.detach() if old_logp is None else old_logp[idx, :width].to(logp)
                 h = None if h_hat is None else h_hat[idx, :width].to(logp)
@@ -157,7 +218,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                         f"non-finite loss ({loss.item()}) in a micro-batch of rows {idx.tolist()[:8]}...; check "
                         "the learning rate, model.dtype and the rewards (see reward/* metrics)"
                     )
-                acc.backward(loss * scale * weight)
+                backward(acc, model, loss * scale * weight, last=sync)
             n_tok = float(m.sum()) * weight
             sums["tokens"] += n_tok
             sums["loss"] += loss.item() * weight
@@ -165,14 +226,11 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
             sums["kl"] += float((kl.detach() * m).sum()) * weight if kl is not None else 0.0
             for key, value in clip.items():
                 token_weighted[key] = token_weighted.get(key, 0.0) + float(value) * n_tok
-        grad_norm = acc.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-        grad_norms.append(float(grad_norm))
         if hasattr(scheduler, "add_tokens"):  # token-based schedules see the tokens of this optimizer step
             scheduler.add_tokens(float(global_tokens))
         lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
+        grad_norms.append(optimizer_step(acc, model, optimizer, max_grad_norm=optim.max_grad_norm))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
     metrics = _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
     if rollout_is is not None and batch.rollout_logprobs is not None:
         local = torch.tensor(extremes, dtype=torch.float64).amax(0) if extremes else torch.full((3,), -math.inf,

@@ -8,3 +8,16 @@ def digit_count(completions, **kwargs):
 
 def always_raises(completions, **kwargs):
     raise RuntimeError("this reward is broken on purpose")
+
+
+_calls = {"n": 0}
+
+
+def dies_on_rank1_at_step2(completions, **kwargs):
+    """digit_count, except that the process of rank 1 dies abruptly (no cleanup, like a killed node) at its 2nd call."""
+    import os
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] == 2:
+        os._exit(7)
+    return digit_count(completions)

@@ -4,7 +4,7 @@ from reasonrl.trainers import checkpoint as ckpt
 
 
 class _Saveable:
-    def save_pretrained(self, path, safe_serialization=True):
+    def save_pretrained(self, path, safe_serialization=True, state_dict=None):
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text("{}")
 

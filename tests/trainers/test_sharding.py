@@ -1,0 +1,126 @@
+"""The same global batches train the same way under every launch layout: 1 process, DDP on 2 processes, DeepSpeed
+ZeRO-2 and ZeRO-3 on 2 processes, and ZeRO-2 across two accelerate "machines" on loopback (machine_rank 0 and 1,
+main_process_ip 127.0.0.1), each with the repo's launch config from recipes/accelerate/.
+
+Tolerance: fp32 reductions run in a different order per layout, so losses agree to 1e-5 relative and parameters to
+5e-6 absolute after 3 batches x 2 optimizer steps at lr 3e-3 with clipping active (measured differences: <= 1e-6).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+WORKER = str(HERE / "sharding_worker.py")
+ENV = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(done: subprocess.CompletedProcess, what: str) -> None:
+    assert done.returncode == 0, f"{what} failed:\n{done.stderr[-4000:]}"
+
+
+def _one_process(args: list[str]) -> None:
+    _check(subprocess.run([sys.executable, WORKER, *args], check=False, cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=600), "1 process")
+
+
+def _two_processes(layout: str, args: list[str]) -> None:
+    cmd = [*LAUNCH, "--config_file", f"recipes/accelerate/{layout}.yaml", "--num_processes", "2", WORKER, *args]
+    _check(subprocess.run(cmd, check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600), layout)
+
+
+def _two_machines(args: list[str]) -> None:
+    port = str(_free_port())
+    procs = [subprocess.Popen([*LAUNCH, "--config_file", "recipes/accelerate/multinode.yaml", "--num_machines", "2",
+                               "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", port, WORKER, *args],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=600)
+        _check(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), f"machine {rank}")
+
+
+def _assert_same_training(result: dict, reference: dict, name: str) -> None:
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5,
+                               atol=1e-7, msg=f"{name}: loss curve")
+    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=1e-5,
+                               atol=1e-7, msg=f"{name}: gradient norms")
+    assert result["params"].keys() == reference["params"].keys()
+    for key, value in reference["params"].items():
+        torch.testing.assert_close(result["params"][key], value, rtol=0, atol=5e-6, msg=f"{name}: {key}")
+    ours, theirs = result["optimizer"]["state"], reference["optimizer"]["state"]
+    assert ours.keys() == theirs.keys() and len(ours) == len(reference["params"])
+    for i in theirs:
+        assert float(ours[i]["step"]) == float(theirs[i]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours[i][key], theirs[i][key], rtol=1e-4, atol=1e-7, msg=f"{name}: {key}[{i}]")
+
+
+def test_every_layout_trains_like_one_process(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = lambda name: [tiny_model_dir, str(tmp_path / f"{name}.pt"), "3"]
+    _one_process(args("one"))
+    reference = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert reference["num_processes"] == 1 and reference["zero_stage"] is None
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = max((reference["params"][k] - initial[k]).abs().max().item() for k in reference["params"])
+    assert moved > 1e-2, "training barely moved the parameters: the comparison below would prove nothing"
+    for layout, stage in (("ddp", None), ("zero2", 2), ("zero3", 3)):
+        _two_processes(layout, args(layout))
+        result = torch.load(tmp_path / f"{layout}.pt", weights_only=False)
+        assert result["num_processes"] == 2 and result["zero_stage"] == stage
+        _assert_same_training(result, reference, layout)
+    _two_machines(args("two_machines"))
+    result = torch.load(tmp_path / "two_machines.pt", weights_only=False)
+    assert result["num_processes"] == 2 and result["zero_stage"] == 2
+    _assert_same_training(result, reference, "two machines (ZeRO-2)")
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_optimizer_state_resumes_under_another_layout(tiny_model_dir, tmp_path, layout):
+    """2 steps in 1 process, then the 3rd under ZeRO on 2 processes from the saved model and optimizer state, equals
+    3 steps in 1 process (and equals it only with the state: a fresh optimizer gives a different 3rd step)."""
+    from transformers import AutoModelForCausalLM
+
+    _one_process([tiny_model_dir, str(tmp_path / "three.pt"), "3"])
+    _one_process([tiny_model_dir, str(tmp_path / "two.pt"), "2"])
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = model.load_state_dict(two["params"], strict=False)  # the tiny model's LM head is tied to the embeddings
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}
+    model.save_pretrained(tmp_path / "after2")
+    torch.save(two["optimizer"], tmp_path / "optimizer2.pt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_model_dir) / name).is_file():
+            (tmp_path / "after2" / name).write_bytes((Path(tiny_model_dir) / name).read_bytes())
+    _two_processes(layout, [str(tmp_path / "after2"), str(tmp_path / "resumed.pt"), "3", "2",
+                            str(tmp_path / "optimizer2.pt")])
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    three = torch.load(tmp_path / "three.pt", weights_only=False)
+    _one_process([str(tmp_path / "after2"), str(tmp_path / "fresh.pt"), "3", "2", "none"])
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=False)
+    assert max((fresh["params"][k] - v).abs().max().item() for k, v in three["params"].items()) > 1e-4
+    assert resumed["zero_stage"] == int(layout[-1])
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(three["losses"][2:]), rtol=1e-5,
+                               atol=1e-7)
+    for key, value in three["params"].items():
+        torch.testing.assert_close(resumed["params"][key], value, rtol=0, atol=5e-6, msg=key)
+    for i, entry in three["optimizer"]["state"].items():
+        assert float(resumed["optimizer"]["state"][i]["step"]) == float(entry["step"]) == 6.0
+        torch.testing.assert_close(resumed["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4,
+                                   atol=1e-7)
