@@ -28,6 +28,7 @@ from reasonrl.trainers.optimization import build_optimizer, build_scheduler
 from reasonrl.trainers.step import train_on_batch
 
 PAD, ROWS, WIDTH, GROUP, VOCAB_LOW, VOCAB_HIGH = 0, 8, 7, 4, 3, 30
+BUCKET_BYTES = 1 << 14  # gather buckets of 16 KiB: the tiny model (about 90 KiB) takes several
 
 
 def step_inputs(step: int) -> tuple[RolloutBatch, torch.Tensor]:
@@ -54,6 +55,8 @@ def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | 
     optimizer = build_optimizer(model, optim)
     if zero is not None:
         configure_deepspeed(acc, max_grad_norm=optim.max_grad_norm)
+    if zero == 3:  # release every parameter after use (by default DeepSpeed keeps small ones, i.e. all of this model)
+        acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, optim, total_steps=steps, sequences_per_step=ROWS)
     core = acc.unwrap_model(model)
@@ -70,9 +73,14 @@ def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | 
                                  optim=optim, pad_id=PAD, temperature=1.0, norm_constant=WIDTH)
         losses.append(metrics["loss/policy"])
         grad_norms.append(metrics["optim/grad_norm"])
-    params = {name: t.detach().clone().cpu() for name, t in full_named_parameters(core, zero, bucket_bytes=1 << 14)}
-    result = {"optimizer": portable_optimizer_state(optimizer, trainable, zero), "losses": losses, "grad_norms": grad_norms, "params": params, "num_processes": acc.num_processes,
-              "zero_stage": zero}
+    params, most_materialized = {}, 0
+    for name, t in full_named_parameters(core, zero, bucket_bytes=BUCKET_BYTES):
+        params[name] = t.detach().clone().cpu()
+        most_materialized = max(most_materialized, sum(p.data.numel() * p.element_size() for p in core.parameters()))
+    result = {"losses": losses, "grad_norms": grad_norms, "params": params, "num_processes": acc.num_processes,
+              "zero_stage": zero, "optimizer": portable_optimizer_state(optimizer, trainable, zero),
+              "most_materialized_bytes": most_materialized,
+              "model_bytes": sum(v.numel() * v.element_size() for v in params.values())}
     return acc, result
 
 
