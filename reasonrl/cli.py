@@ -30,10 +30,24 @@ def resolve_eval_model(target: str) -> str:
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{target} has no complete checkpoint")
-        return str(latest / "model")
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
+        path = latest
+    for folder in ("model", "adapter"):  # adapter/: a LoRA run's checkpoint
+        if (path / folder / "config.json").is_file() or (path / folder / "adapter_config.json").is_file():
+            return str(path / folder)
     return resolve_model_path(target)
+
+
+def load_eval_model(model_path: str, dtype: str):
+    """The model of `resolve_eval_model`: a LoRA adapter folder is put on its base model and merged."""
+    from reasonrl.models import load_model
+
+    adapter_config = Path(model_path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_model(model_path, dtype=dtype).eval()
+    from peft import PeftModel
+
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    return PeftModel.from_pretrained(load_model(base, dtype=dtype), model_path).merge_and_unload().eval()
 
 
 def eval_data_config(args) -> DataConfig:
@@ -53,7 +67,7 @@ def eval_data_config(args) -> DataConfig:
 
 def _eval(args) -> int:
     from reasonrl.data.tasks import load_task_rows
-    from reasonrl.models import load_model, load_tokenizer
+    from reasonrl.models import load_tokenizer
     from reasonrl.rollout.factory import build_engine
     from reasonrl.trainers.evaluate import greedy_accuracy
 
@@ -61,7 +75,9 @@ def _eval(args) -> int:
     _, rows = load_task_rows(data)
     model_path = resolve_eval_model(args.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=args.dtype).eval()
+    if args.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
+        raise SystemExit("a LoRA checkpoint is evaluated with --engine hf (vLLM would need the merged model saved)")
+    model = load_eval_model(model_path, args.dtype)
     engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size)
     engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
                           model_dtype=args.dtype, seed=0)

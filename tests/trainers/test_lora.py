@@ -151,6 +151,12 @@ def test_lora_training_changes_only_adapters_saves_only_adapters_and_resumes(tin
     assert sorted(p.name for p in last.iterdir() if p.is_dir()) == [ADAPTER_DIR]  # no model/ folder
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (last / ADAPTER_DIR).iterdir()}
     assert not list(last.rglob("model.safetensors"))
+    from reasonrl.cli import load_eval_model, resolve_eval_model  # `reasonrl eval <run>` reads the adapters
+
+    assert resolve_eval_model(str(full)) == str(last / ADAPTER_DIR)
+    merged = dict(load_eval_model(str(last / ADAPTER_DIR), "float32").named_parameters())
+    for name, tensor in merged_named_parameters(trainer.policy):
+        torch.testing.assert_close(merged[name], tensor, msg=name)
 
     assert grpo.main(lora_overrides(tiny_model_dir, cut, 2)) == 0  # "killed" after step 2's checkpoint
     assert grpo.main(lora_overrides(tiny_model_dir, cut, 3, **{"trainer.resume": "auto"})) == 0
