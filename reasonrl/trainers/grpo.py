@@ -63,7 +63,7 @@ from reasonrl.trainers.prepare import (
     loss_mask_for,
     shape_rewards,
 )
-from reasonrl.trainers.step import fixed_logprobs, group_stats, train_on_batch
+from reasonrl.trainers.step import fixed_logprobs, group_stats, lockstep_acc, train_on_batch
 from reasonrl.trainers.sync_check import check_weight_sync, default_tolerance
 from reasonrl.trainers.tracking import Tracker
 
@@ -312,19 +312,19 @@ class GRPOTrainer:
         need_logp = a.num_iterations > 1 or (a.kl_in == "reward" and self.ref_model is not None)
         if not (need_entropy or need_logp):
             return None, batch.rollout_entropy
-        rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
-        logp, entropy = fixed_logprobs(self.model, batch, rows, pad_id=self.tokenizer.pad_token_id,
-                                       temperature=self.config.rollout.temperature,
-                                       micro_batch_size=self.config.optim.micro_batch_size,
-                                       lockstep_acc=self.acc if self.zero == 3 else None)
+        logp, entropy = self._frozen_logprobs(self.model, batch)
         return (logp if need_logp else None), (entropy if batch.rollout_entropy is None else batch.rollout_entropy)
 
-    def _kl_reward_penalty(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
+    def _frozen_logprobs(self, model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """No-grad (log-probs, entropies) [N, T] of every non-empty row, micro-batched as the training step is."""
+        o = self.config.optim
         rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
-        ref_logp, _ = fixed_logprobs(self.ref_model, batch, rows, pad_id=self.tokenizer.pad_token_id,
-                                     temperature=self.config.rollout.temperature,
-                                     micro_batch_size=self.config.optim.micro_batch_size,
-                                     lockstep_acc=self.acc if self.zero == 3 else None)
+        return fixed_logprobs(model, batch, rows, pad_id=self.tokenizer.pad_token_id,
+                              temperature=self.config.rollout.temperature, micro_batch_size=o.micro_batch_size,
+                              token_budget=o.micro_batch_tokens, packed=o.packing, lockstep_acc=lockstep_acc(self.acc))
+
+    def _kl_reward_penalty(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
+        ref_logp, _ = self._frozen_logprobs(self.ref_model, batch)
         per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
         return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
 
@@ -434,9 +434,10 @@ class GRPOTrainer:
         pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
         if self.engine_asleep:
             self.engine.wake_up(["weights"])  # weights first, KV cache after the push: a lower peak
-        weights = full_named_parameters(self.policy, self.zero)  # under ZeRO-3 gathered bucket by bucket
         if self.config.model.lora.enabled:  # the engine holds the plain model: push W + scale * B @ A
             weights = lora.merged_named_parameters(self.policy)
+        else:
+            weights = full_named_parameters(self.policy, self.zero)  # under ZeRO-3 gathered bucket by bucket
         if pushes:
             self.engine.load_weights(weights)
         elif self.zero == 3:  # the gathers are collective: ranks that do not push take part all the same

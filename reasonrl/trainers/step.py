@@ -91,6 +91,18 @@ def micro_batches(batch, rows: torch.Tensor, *, size: int, token_budget: int | N
     return split_by_token_budget(rows, row_tokens(batch, rows), token_budget, padded=not packed)
 
 
+def agreed_micro_batches(acc, chunks: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+    """`chunks` padded with empty micro-batches to the largest count of any rank, so every rank runs the same number
+    of forward (and backward) calls: DDP's gradient reduction and ZeRO-3's parameter gathers are collective."""
+    count = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), reduction="max"))
+    return chunks + [rows.new_empty(0)] * (count - len(chunks))
+
+
+def lockstep_acc(acc):
+    """The Accelerator when even no-grad forwards are collective (ZeRO-3 shards the parameters), else None."""
+    return acc if zero_stage(acc) == 3 else None
+
+
 def _micro_logprobs(model, batch, idx, *, pad_id, temperature, packed: bool = False):
     """Log-probs/entropy [n, W] for rows `idx`, W = their longest completion (the model input is the whole
     completion; which tokens count in the loss is the caller's business). `packed`: the padding-free forward;
@@ -119,10 +131,9 @@ def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, mic
     logp, ent = torch.zeros(n, t), torch.zeros(n, t)
     chunks = micro_batches(batch, rows, size=micro_batch_size, token_budget=token_budget, packed=packed)
     if lockstep_acc is not None:
-        count = int(lockstep_acc.reduce(torch.tensor(len(chunks), device=lockstep_acc.device), reduction="max"))
-        chunks = chunks + [None] * (count - len(chunks))
+        chunks = agreed_micro_batches(lockstep_acc, chunks, rows)
     for idx in chunks:
-        if idx is None:  # keeps collective forwards in step with ranks that have more rows
+        if not idx.numel():  # keeps collective forwards in step with ranks that have more rows
             _micro_logprobs(model, batch, torch.zeros(1, dtype=torch.long), pad_id=pad_id, temperature=temperature,
                             packed=packed)
             continue
@@ -162,25 +173,21 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     kl_in_loss = ref_model is not None and algo.kl_in == "loss"
     rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
     size, budget, packed = optim.micro_batch_size, optim.micro_batch_tokens, optim.packing
-    chunks = micro_batches(batch, rows, size=size, token_budget=budget, packed=packed)
-    count = int(acc.reduce(torch.tensor(len(chunks), device=device), reduction="max"))
-    chunks += [rows.new_empty(0)] * (count - len(chunks))  # every rank runs `count` forward/backward calls
+    chunks = agreed_micro_batches(acc, micro_batches(batch, rows, size=size, token_budget=budget, packed=packed), rows)
+    frozen = {"pad_id": pad_id, "temperature": temperature, "micro_batch_size": size, "token_budget": budget,
+              "packed": packed, "lockstep_acc": lockstep_acc(acc)}
     sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
     token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*, sampling/*)
     extremes: list[list[float]] = []  # per micro-batch [max |logp diff|, max IS ratio, -min IS ratio]
     grad_norms, lrs = [], []
-    if count == 0 or global_tokens.item() == 0:  # no group carries a signal anywhere: nothing to learn
+    if not chunks or global_tokens.item() == 0:  # no group carries a signal anywhere: nothing to learn
         sums["is_skipped"] = 1.0
         return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations)
     ref_logp = None
     if kl_in_loss:
-        ref_logp, _ = fixed_logprobs(ref_model, batch, rows, pad_id=pad_id, temperature=temperature,
-                                     micro_batch_size=size, token_budget=budget, packed=packed,
-                                     lockstep_acc=acc if zero_stage(acc) == 3 else None)
+        ref_logp, _ = fixed_logprobs(ref_model, batch, rows, **frozen)
     if old_logp is None and algo.num_iterations > 1:  # the ratio is measured against the policy that sampled
-        old_logp, _ = fixed_logprobs(model, batch, rows, pad_id=pad_id, temperature=temperature, micro_batch_size=size,
-                                     token_budget=budget, packed=packed,
-                                     lockstep_acc=acc if zero_stage(acc) == 3 else None)
+        old_logp, _ = fixed_logprobs(model, batch, rows, **frozen)
     scale = acc.num_processes  # DDP averages gradients over ranks; the loss already divides by global counts
     agg = {"mode": algo.loss_agg, "num_tokens": global_tokens, "num_sequences": global_seqs}
     for _ in range(algo.num_iterations):
