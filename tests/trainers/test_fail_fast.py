@@ -6,7 +6,6 @@ its own, with an error that says a peer died, well inside trainer.collective_tim
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_dead_machine_stops_the_other_with_a_clear_error(tiny_model_dir, tmp_path):
-    port = str(_free_port())
+def test_a_dead_machine_stops_the_other_with_a_clear_error(tiny_model_dir, tmp_path, free_port):
+    port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     recipe = [
         "-m", "reasonrl.trainers.grpo", "--config", str(REPO / "recipes" / "tiny_smoke.yaml"),

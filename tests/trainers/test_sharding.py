@@ -7,7 +7,6 @@ Tolerance: fp32 reductions run in a different order per layout, so losses agree 
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +20,6 @@ REPO = HERE.parents[1]
 WORKER = str(HERE / "sharding_worker.py")
 ENV = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check(done: subprocess.CompletedProcess, what: str) -> None:
@@ -43,8 +36,8 @@ def _two_processes(layout: str, args: list[str]) -> None:
     _check(subprocess.run(cmd, check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600), layout)
 
 
-def _two_machines(args: list[str]) -> None:
-    port = str(_free_port())
+def _two_machines(args: list[str], port: int) -> None:
+    port = str(port)
     procs = [subprocess.Popen([*LAUNCH, "--config_file", "recipes/accelerate/multinode.yaml", "--num_machines", "2",
                                "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
                                "--main_process_port", port, WORKER, *args],
@@ -71,7 +64,7 @@ def _assert_same_training(result: dict, reference: dict, name: str) -> None:
             torch.testing.assert_close(ours[i][key], theirs[i][key], rtol=1e-4, atol=1e-7, msg=f"{name}: {key}[{i}]")
 
 
-def test_every_layout_trains_like_one_process(tiny_model_dir, tmp_path):
+def test_every_layout_trains_like_one_process(tiny_model_dir, tmp_path, free_port):
     from transformers import AutoModelForCausalLM
 
     args = lambda name: [tiny_model_dir, str(tmp_path / f"{name}.pt"), "3"]
@@ -88,7 +81,7 @@ def test_every_layout_trains_like_one_process(tiny_model_dir, tmp_path):
         _assert_same_training(result, reference, layout)
         if stage == 3:  # the weights were gathered a bucket at a time: never the whole model on a rank
             assert result["most_materialized_bytes"] <= BUCKET_BYTES < result["model_bytes"] / 4
-    _two_machines(args("two_machines"))
+    _two_machines(args("two_machines"), free_port())
     result = torch.load(tmp_path / "two_machines.pt", weights_only=False)
     assert result["num_processes"] == 2 and result["zero_stage"] == 2
     _assert_same_training(result, reference, "two machines (ZeRO-2)")
