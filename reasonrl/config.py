@@ -39,10 +39,36 @@ class LoraConfig:
 
 
 @dataclass
+class SparseAttentionSettings:
+    """Dynamic sparse attention (MTraining vertical-slash; docs/sparse_attention.md), used when
+    model.attn_implementation=reasonrl_sparse. Sequences shorter than dense_below run ordinary dense attention."""
+
+    impl: str = choice("auto", ["auto", "reference", "triton", "dense"], "auto: triton on CUDA, reference on CPU")
+    dense_below: int = 4096
+    blockwise_above: int = 2048  # the reference computes only the kept keys per query block beyond this length
+    block_size: int = 128  # tile size G of the block-sparse layout
+    last_q: int = 64  # queries that score the keys
+    mode: str = choice("topk", ["topk", "mass"])
+    vertical_size: int = 1000  # topk: columns kept per head (sink columns forced in)
+    slash_size: int = 6096  # topk: diagonals kept per head (the local window forced in)
+    sink: int = 30
+    local_window: int = 100
+    mass: float = 0.9  # mass: keep the fewest columns / diagonals holding this share of the scores
+    max_vertical: int = 4096
+    max_slash: int = 4096
+    normalize: str = choice("softmax", ["softmax", "logits"], "score probabilities, or raw logits (released code)")
+    # ranks one sequence is split across (striped sparse ring attention); 1 = no sequence parallelism
+    sequence_parallel: int = 1
+    ring: str = choice("stripe", ["stripe", "hierarchical"], "flat ring, or intra-node ring inside an inter-node ring")
+    local_world_size: int | None = None  # hierarchical: ranks per node (null: LOCAL_WORLD_SIZE)
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"  # local HF folder, hub id, or built-in name
     dtype: str = choice("float32", ["float32", "bfloat16", "float16"])
-    attn_implementation: str | None = None
+    attn_implementation: str | None = None  # as in transformers ("sdpa", "eager", ...), or "reasonrl_sparse"
+    sparse_attention: SparseAttentionSettings = field(default_factory=SparseAttentionSettings)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # recompute each decoder layer's activations in backward (less memory, more compute). Transformers drops the KV
     # cache under it, so the padded forward runs whole sequences instead of sharing each prompt's cache

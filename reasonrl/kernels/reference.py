@@ -15,17 +15,24 @@ import torch
 from reasonrl.kernels.pattern import SparsePattern, num_blocks, pattern_mask, repeat_kv
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half precisions, float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def masked_attention(q, k, v, mask, scale: float):
-    """q [B, H, n, D], k/v [B, Hk, m, D], mask bool [B, H, n, m] -> (out [B, H, n, D], lse [B, H, n], float32).
+    """q [B, H, n, D], k/v [B, Hk, m, D], mask bool [B, H, n, m] -> (out [B, H, n, D], lse [B, H, n]), both in
+    float32 (float64 for float64 inputs).
 
     Rows without any kept key give out = 0 and lse = -inf.
     """
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    dtype = compute_dtype(q)
+    logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     logits = logits.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.matmul(probs, v.float())
+    out = torch.matmul(probs, v.to(dtype))
     return out, lse
 
 
@@ -68,8 +75,9 @@ def blockwise_sparse_attention(q, k, v, pattern: SparsePattern, scale: float | N
         kept = kept_keys(pattern, block, n)
         columns = kept.any(dim=0).any(dim=0).nonzero().squeeze(-1)
         q_pos = torch.arange(start, end, device=q.device)
-        logits = torch.matmul(q[:, :, start:end].float(), k[:, :, columns].float().transpose(-1, -2)) * scale
+        dtype = compute_dtype(q)
+        logits = torch.matmul(q[:, :, start:end].to(dtype), k[:, :, columns].to(dtype).transpose(-1, -2)) * scale
         allowed = kept[..., columns][:, :, None, :] & (columns[None, :] <= q_pos[:, None])
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        outputs.append(torch.matmul(probs, v[:, :, columns].float()))
+        outputs.append(torch.matmul(probs, v[:, :, columns].to(dtype)))
     return torch.cat(outputs, dim=2).to(q.dtype)

@@ -9,6 +9,7 @@ or `reasonrl train recipes/X.yaml key=value ...`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -184,7 +185,9 @@ class GRPOTrainer:
         self.resume_from = ckpt.latest_checkpoint(self.out_dir) if config.trainer.resume == "auto" else None
         lora_on = config.model.lora.enabled  # LoRA: the base weights always come from model_path
         policy_path = str(self.resume_from / "model") if self.resume_from and not lora_on else self.model_path
-        model = load_model(policy_path, dtype=config.model.dtype, attn_implementation=config.model.attn_implementation)
+        attention = {"attn_implementation": config.model.attn_implementation,
+                     "sparse_attention": dataclasses.asdict(config.model.sparse_attention)}
+        model = load_model(policy_path, dtype=config.model.dtype, **attention)
         if config.model.gradient_checkpointing:  # active in train mode only (see policy.completion_logprobs)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # (from_pretrained returns eval mode; the engines switch to eval mode to generate)
@@ -196,7 +199,8 @@ class GRPOTrainer:
         if config.algorithm.kl_coef > 0 and lora_on:  # the reference is the policy with its adapters off
             self.ref_model = lora.DisabledAdapterReference(model)
         elif config.algorithm.kl_coef > 0:
-            self.ref_model = load_model(self.model_path, dtype=config.model.dtype).eval().requires_grad_(False)
+            self.ref_model = load_model(self.model_path, dtype=config.model.dtype, **attention)
+            self.ref_model.eval().requires_grad_(False)
             self.ref_model.to(self.acc.device)
         optimizer = build_optimizer(model, config.optim)
         if self.zero is not None:
