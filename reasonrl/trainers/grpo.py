@@ -64,6 +64,7 @@ from reasonrl.trainers.prepare import (
     loss_mask_for,
     shape_rewards,
 )
+from reasonrl.trainers.sequence_parallel import DataParallelView, broadcast_from_leader, build_sequence_parallel
 from reasonrl.trainers.step import fixed_logprobs, group_stats, lockstep_acc, train_on_batch
 from reasonrl.trainers.sync_check import check_weight_sync, default_tolerance
 from reasonrl.trainers.tracking import Tracker
@@ -72,6 +73,13 @@ from reasonrl.trainers.tracking import Tracker
 def validate(config: RecipeConfig, world_size: int) -> None:
     """Checks that need the process count or relate several keys; all before any model is loaded."""
     r = config.rollout
+    sp = config.model.sparse_attention.sequence_parallel
+    if sp < 1 or world_size % sp:
+        raise ConfigError(f"model.sparse_attention.sequence_parallel={sp} must divide the number of processes "
+                          f"({world_size})")
+    if sp > 1:
+        _validate_sequence_parallel(config)
+        world_size //= sp  # data-parallel groups: each splits its sequences over sp ranks
     if r.group_size < 2:
         raise ConfigError(f"rollout.group_size={r.group_size}: GRPO needs at least 2 samples per prompt")
     if r.prompts_per_step < 1 or r.prompts_per_step % world_size:
@@ -163,12 +171,27 @@ def _uses_hapo_entropy(algo) -> bool:
     return h.adaptive_temperature or h.adaptive_clip or h.redistribution
 
 
+def _validate_sequence_parallel(config: RecipeConfig) -> None:
+    o = config.optim
+    if config.model.attn_implementation != "reasonrl_sparse":
+        raise ConfigError("model.sparse_attention.sequence_parallel > 1 needs model.attn_implementation=reasonrl_sparse "
+                          "(the ring attention runs inside it)")
+    if o.micro_batch_size != 1 or o.micro_batch_tokens is not None or o.packing:
+        raise ConfigError("model.sparse_attention.sequence_parallel > 1 trains one sequence per micro-batch: set "
+                          "optim.micro_batch_size=1, optim.micro_batch_tokens=null, optim.packing=false")
+
+
 class GRPOTrainer:
     def __init__(self, config: RecipeConfig, accelerator: Accelerator | None = None):
         self.config = config
         self.acc = accelerator or build_accelerator(config.trainer.collective_timeout_s)
         self.zero = zero_stage(self.acc)  # DeepSpeed ZeRO stage, None without DeepSpeed
         validate(config, self.acc.num_processes)
+        # sequence parallelism: groups of ranks share rows; `self.dp` is the accelerator as the data sees it
+        self.sp = build_sequence_parallel(self.acc.num_processes, self.acc.process_index, config.model.sparse_attention)
+        if self.sp is not None and self.zero == 3:
+            raise ConfigError("model.sparse_attention.sequence_parallel > 1 is not supported with ZeRO-3 (use ZeRO-2)")
+        self.dp = self.acc if self.sp is None else DataParallelView(self.acc, self.sp)
         self.out_dir = Path(config.trainer.output_dir)
         set_seed(config.trainer.seed)
 
@@ -250,14 +273,14 @@ class GRPOTrainer:
         r = self.config.rollout
         indices = prompts_for_step(len(self.train_rows), step=step, per_step=r.prompts_per_step,
                                    seed=self.config.trainer.seed + 1_000_033 * round_)
-        per_rank = r.prompts_per_step // self.acc.num_processes
-        mine = indices[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
+        per_rank = r.prompts_per_step // self.dp.num_processes
+        mine = indices[self.dp.process_index * per_rank : (self.dp.process_index + 1) * per_rank]
         return [self.train_rows[i] for i in mine]
 
     def _sampling_params(self, step: int, round_: int) -> SamplingParams:
         r, h = self.config.rollout, self.config.algorithm.hapo
-        seed = self.config.trainer.seed + 7919 * ((step + 104_729 * round_) * self.acc.num_processes
-                                                  + self.acc.process_index)
+        seed = self.config.trainer.seed + 7919 * ((step + 104_729 * round_) * self.dp.num_processes
+                                                  + self.dp.process_index)
         adaptive = None
         if h.adaptive_temperature and self.sampling_stats is not None:
             adaptive = AdaptiveTemperature(tuple(self.sampling_stats.to_list()), tau=h.temperature_tau,
@@ -290,6 +313,14 @@ class GRPOTrainer:
         return batch, texts
 
     def _scored_round(self, step: int, round_: int) -> Scored:
+        """One generation round of this rank's prompts, scored. Under sequence parallelism the group leader
+        generates and scores, and the group's other ranks receive its result."""
+        if self.sp is not None and self.sp.rank != 0:
+            return broadcast_from_leader(None, self.sp)
+        scored = self._generate_and_score(step, round_)
+        return scored if self.sp is None else broadcast_from_leader(scored, self.sp)
+
+    def _generate_and_score(self, step: int, round_: int) -> Scored:
         rows = self._local_prompt_rows(step, round_)
         batch, texts = self._generate(rows, self._sampling_params(step, round_))
         g = self.config.rollout.group_size
@@ -304,8 +335,8 @@ class GRPOTrainer:
         ds = self.config.algorithm.dynamic_sampling
         if not ds.enabled:
             return self._scored_round(step, 0), {}
-        per_rank = self.config.rollout.prompts_per_step // self.acc.num_processes
-        return dynamic_sampling(self.acc, lambda round_: self._scored_round(step, round_),
+        per_rank = self.config.rollout.prompts_per_step // self.dp.num_processes
+        return dynamic_sampling(self.dp, lambda round_: self._scored_round(step, round_),
                                 groups_per_rank=per_rank, cfg=ds)
 
     def _sampling_policy_pass(self, batch: RolloutBatch):
@@ -325,7 +356,8 @@ class GRPOTrainer:
         rows = batch.completion_mask.any(-1).nonzero().squeeze(-1)
         return fixed_logprobs(model, batch, rows, pad_id=self.tokenizer.pad_token_id,
                               temperature=self.config.rollout.temperature, micro_batch_size=o.micro_batch_size,
-                              token_budget=o.micro_batch_tokens, packed=o.packing, lockstep_acc=lockstep_acc(self.acc))
+                              token_budget=o.micro_batch_tokens, packed=o.packing, lockstep_acc=lockstep_acc(self.acc),
+                              sequence_parallel=self.sp)
 
     def _kl_reward_penalty(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
         ref_logp, _ = self._frozen_logprobs(self.ref_model, batch)
@@ -339,7 +371,7 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
-        cfg, acc = self.config, self.acc
+        cfg, acc = self.config, self.dp
         a, g = cfg.algorithm, cfg.rollout.group_size
         t0 = time.perf_counter()
         scored, extra = self._collect(self.step)
@@ -462,7 +494,7 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
-        mine = self.eval_rows[self.acc.process_index :: self.acc.num_processes]
+        mine = self.eval_rows[self.dp.process_index :: self.dp.num_processes]
         scored = len(mine)
         if self.zero == 3 and self.config.rollout.engine == "hf" and mine:  # generation runs in lockstep: equal rows
             mine = mine + mine[:1] * (math.ceil(len(self.eval_rows) / self.acc.num_processes) - len(mine))
@@ -472,7 +504,7 @@ class GRPOTrainer:
             max_new_tokens=self.config.trainer.eval_max_new_tokens, num_scored=scored,
         )
         counts = torch.tensor([result["correct"], result["n"], result["tokens"]])
-        correct, n, tokens = self.acc.reduce(counts, reduction="sum").tolist()
+        correct, n, tokens = self.dp.reduce(counts, reduction="sum").tolist()
         record = {"step": self.step, "accuracy": correct / max(n, 1), "mean_length": tokens / max(n, 1), "n": n,
                   "seconds": time.perf_counter() - t0}
         self.eval_history.append(record)

@@ -7,6 +7,7 @@ gradient is the same whatever the micro-batch size or the number of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -16,6 +17,11 @@ from reasonrl.rl.importance import rollout_correction
 from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
 from reasonrl.trainers.distributed import backward, optimizer_step, zero_stage
 from reasonrl.trainers.policy import completion_logprobs, packed_completion_logprobs
+from reasonrl.trainers.sequence_parallel import (
+    gradient_world_size,
+    sequence_parallel_completion_logprobs,
+    sequence_parallel_of,
+)
 
 
 def group_stats(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> dict:
@@ -103,14 +109,16 @@ def lockstep_acc(acc):
     return acc if zero_stage(acc) == 3 else None
 
 
-def _micro_logprobs(model, batch, idx, *, pad_id, temperature, packed: bool = False):
+def _micro_logprobs(model, batch, idx, *, pad_id, temperature, packed: bool = False, sequence_parallel=None):
     """Log-probs/entropy [n, W] for rows `idx`, W = their longest completion (the model input is the whole
     completion; which tokens count in the loss is the caller's business). `packed`: the padding-free forward;
-    otherwise the shared-prompt forward (or, under gradient checkpointing, the full padded sequences: see
-    `completion_logprobs`)."""
+    `sequence_parallel`: one row split across its group (`sequence_parallel_completion_logprobs`); otherwise the
+    shared-prompt forward (or, under gradient checkpointing, the full padded sequences: see `completion_logprobs`)."""
     inputs = batch.completion_mask[idx]
     width = max(1, int(inputs.sum(-1).max()))
     forward = packed_completion_logprobs if packed else completion_logprobs
+    if sequence_parallel is not None:
+        forward = functools.partial(sequence_parallel_completion_logprobs, sp=sequence_parallel)
     logp, ent = forward(
         model, [batch.prompt_ids[i] for i in idx.tolist()], batch.completion_ids[idx, :width], inputs[:, :width],
         pad_id=pad_id, temperature=temperature,
@@ -120,7 +128,7 @@ def _micro_logprobs(model, batch, idx, *, pad_id, temperature, packed: bool = Fa
 
 @torch.no_grad()
 def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, micro_batch_size: int,
-                   token_budget: int | None = None, packed: bool = False, lockstep_acc=None):
+                   token_budget: int | None = None, packed: bool = False, lockstep_acc=None, sequence_parallel=None):
     """Log-probs and entropies [N, T] (zeros outside `rows`) under a frozen model: the reference policy, or the
     policy that sampled the batch (for `num_iterations > 1`, HAPO and D3S). Micro-batches as in `micro_batches`.
 
@@ -135,9 +143,10 @@ def fixed_logprobs(model, batch, rows: torch.Tensor, *, pad_id, temperature, mic
     for idx in chunks:
         if not idx.numel():  # keeps collective forwards in step with ranks that have more rows
             _micro_logprobs(model, batch, torch.zeros(1, dtype=torch.long), pad_id=pad_id, temperature=temperature,
-                            packed=packed)
+                            packed=packed, sequence_parallel=sequence_parallel)
             continue
-        lp, h, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature, packed=packed)
+        lp, h, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature, packed=packed,
+                                       sequence_parallel=sequence_parallel)
         logp[idx, :width], ent[idx, :width] = lp.float().cpu(), h.float().cpu()
     return logp, ent
 
@@ -174,8 +183,9 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
     size, budget, packed = optim.micro_batch_size, optim.micro_batch_tokens, optim.packing
     chunks = agreed_micro_batches(acc, micro_batches(batch, rows, size=size, token_budget=budget, packed=packed), rows)
+    sp = sequence_parallel_of(acc)
     frozen = {"pad_id": pad_id, "temperature": temperature, "micro_batch_size": size, "token_budget": budget,
-              "packed": packed, "lockstep_acc": lockstep_acc(acc)}
+              "packed": packed, "lockstep_acc": lockstep_acc(acc), "sequence_parallel": sp}
     sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
     token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*, sampling/*)
     extremes: list[list[float]] = []  # per micro-batch [max |logp diff|, max IS ratio, -min IS ratio]
@@ -188,7 +198,9 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
         ref_logp, _ = fixed_logprobs(ref_model, batch, rows, **frozen)
     if old_logp is None and algo.num_iterations > 1:  # the ratio is measured against the policy that sampled
         old_logp, _ = fixed_logprobs(model, batch, rows, **frozen)
-    scale = acc.num_processes  # DDP averages gradients over ranks; the loss already divides by global counts
+    # DDP averages gradients over every rank; the loss already divides by global counts (under sequence parallelism
+    # the ranks of a group hold shares of the same rows: their gradients add up to the rows' gradient)
+    scale = gradient_world_size(acc)
     agg = {"mode": algo.loss_agg, "num_tokens": global_tokens, "num_sequences": global_seqs}
     for _ in range(algo.num_iterations):
         for k, idx in enumerate(chunks):
@@ -198,7 +210,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
             sync = k == len(chunks) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 logp, ent, width = _micro_logprobs(model, batch, idx, pad_id=pad_id, temperature=temperature,
-                                                   packed=packed)
+                                                   packed=packed, sequence_parallel=sp)
                 m = mask[idx, :width].to(logp.device)
                 old = logp.detach() if old_logp is None else old_logp[idx, :width].to(logp)
                 h = None if h_hat is None else h_hat[idx, :width].to(logp)
