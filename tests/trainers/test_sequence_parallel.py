@@ -49,3 +49,35 @@ def test_sequence_parallel_config_is_checked():
                                                                 "optim.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="micro_batch_size=1"):
         validate(sparse, 2)
+
+
+def _history(out_dir: Path) -> dict:
+    import json
+
+    return {row["step"]: row for row in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_the_trainer_with_sequence_parallelism_matches_one_process(tiny_model_dir, tmp_path):
+    """The whole entry point: 2 ranks in one sequence-parallel group (one data-parallel rank: the same prompts and
+    samples as one process) give the metrics of one process running sparse attention on whole sequences."""
+    common = [
+        "--config", "recipes/tiny_smoke.yaml", f"model.name_or_path={tiny_model_dir}",
+        "rewards=[{name: 'rewards_for_tests:digit_count'}]", "model.attn_implementation=reasonrl_sparse",
+        "model.sparse_attention.dense_below=0", "model.sparse_attention.block_size=4",
+        "model.sparse_attention.last_q=4", "model.sparse_attention.vertical_size=2",
+        "model.sparse_attention.slash_size=4", "model.sparse_attention.sink=1", "model.sparse_attention.local_window=2",
+        "optim.micro_batch_size=1", "trainer.steps=2", "trainer.save_every=0", "logging.wandb_mode=disabled",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "reasonrl.trainers.grpo", *common, "optim.packing=true",
+          f"trainer.output_dir={one}"], "1 process")
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml",
+          "--num_processes", "2", "-m", "reasonrl.trainers.grpo", *common,
+          "model.sparse_attention.sequence_parallel=2", f"trainer.output_dir={two}"], "sequence parallel")
+    a, b = _history(one), _history(two)
+    assert a.keys() == b.keys() == {0, 1, 2}
+    for step in (1, 2):
+        assert b[step]["train/skipped"] == 0 and b[step]["optim/grad_norm"] > 0
+        assert b[step]["reward/mean"] == a[step]["reward/mean"]  # the same samples
+        for key in ("loss/policy", "optim/grad_norm", "policy/entropy", "train/tokens"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
