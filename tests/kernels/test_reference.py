@@ -120,3 +120,15 @@ def test_varlen_runs_each_sequence_on_its_own():
         assert torch.allclose(out[row : row + 1, :, start:end], alone, atol=1e-12)
     assert (out[1, :, :6] == 0).all()
     assert all(g is not None for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+def test_dispatch_to_triton_equals_the_reference():
+    """impl=triton through the dispatcher (on CPU the kernels run under the Triton interpreter)."""
+    q, k, v = qkv(b=1, n=40, dtype=torch.float32)
+    config = PatternConfig(block_size=16, last_q=4, vertical_size=5, slash_size=6, sink=1, local_window=3)
+    ours = sparse_attention(q, k, v, SparseAttentionConfig(impl="triton", dense_below=0, pattern=config))
+    pattern = estimate_pattern(q.detach(), k.detach(), config)
+    reference = reference_sparse_attention(q, k, v, pattern)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    for a, b in zip(grads(ours, (q, k, v)), grads(reference, (q, k, v)), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
