@@ -17,6 +17,7 @@ class RolloutBatch:
     group_size: int
     loss_mask: torch.Tensor | None = None  # bool [N, T] tokens that count in the loss (None: completion_mask)
     rollout_entropy: torch.Tensor | None = None  # [N, T] entropy at T=1 of the sampling policy, when the engine has it
+    ntp_mask: torch.Tensor | None = None  # bool [N, T] tokens of the next-token-prediction term (RMT dual loss)
 
     def trained_mask(self) -> torch.Tensor:
         """Tokens whose loss counts. A subset of completion_mask, which stays the model's input (attention)."""
@@ -43,6 +44,7 @@ class RolloutBatch:
             group_size=self.group_size,
             loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
             rollout_entropy=None if self.rollout_entropy is None else self.rollout_entropy[idx],
+            ntp_mask=None if self.ntp_mask is None else self.ntp_mask[idx],
         )
 
 
@@ -67,4 +69,5 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         group_size=batches[0].group_size,
         loss_mask=padded("loss_mask", False),
         rollout_entropy=padded("rollout_entropy", 0.0),
+        ntp_mask=padded("ntp_mask", False),
     )

@@ -184,6 +184,29 @@ class D3SConfig:
 
 
 @dataclass
+class ShaperSpec:
+    """One reward shaper (reasonrl/rl/shapers.py); shapers apply in list order, each to the previous rewards."""
+
+    name: str = choice("overlong", ["overlong", "rmt_budget", "effort"])
+    args: dict[str, Any] = field(default_factory=dict)  # constructor arguments, e.g. {gamma: 0.5, weight: 0.5}
+
+
+@dataclass
+class RmtConfig:
+    """RMT token curriculum and dual loss (algorithms.md 3.2, 3.3); the budget is the rmt_budget reward shaper."""
+
+    curriculum: bool = False  # RL on a share of the completion tokens, moving from low to high entropy
+    token_fraction: float = 0.5
+    target_start: float = 0.2  # entropy quantile the selection centres on at step 0 ...
+    target_end: float = 0.9  # ... and at the last step
+    width: float = 0.15
+    rl_weight: float = 1.0
+    ntp_weight_start: float = 0.0  # next-token prediction on every token of the chosen completions (0: off)
+    ntp_weight_end: float = 0.0
+    ntp_rows: str = choice("correct", ["correct", "all"], "completions the NTP term reads")
+
+
+@dataclass
 class AlgorithmConfig:
     advantage: str = choice("grpo", ["grpo", "dr_grpo", "rloo", "hapo"])
     std_eps: float = 1e-4
@@ -205,6 +228,8 @@ class AlgorithmConfig:
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     hapo: HapoConfig = field(default_factory=HapoConfig)
     d3s: D3SConfig = field(default_factory=D3SConfig)
+    reward_shapers: list[ShaperSpec] = field(default_factory=list)
+    rmt: RmtConfig = field(default_factory=RmtConfig)
 
 
 @dataclass

@@ -25,13 +25,16 @@ from omegaconf import OmegaConf
 
 from reasonrl.batch import RolloutBatch
 from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
+from reasonrl.data.effort import with_effort
 from reasonrl.data.prompts import encode_prompt
 from reasonrl.data.tasks import load_task_rows
 from reasonrl.models import load_model, load_tokenizer, resolve_model_path
 from reasonrl.rewards.combine import resolve_reward, score_batch
 from reasonrl.rl.advantages import compute_advantages
 from reasonrl.rl.hapo import EntropyStats
+from reasonrl.rl.length_control import linear_schedule, select_curriculum_tokens
 from reasonrl.rl.losses import kl_estimate
+from reasonrl.rl.shapers import BudgetShaper, EffortShaper, ShapingContext, apply_shapers, build_shaper
 from reasonrl.rl.shaping import kl_reward_penalty
 from reasonrl.rollout.base import AdaptiveTemperature, SamplingParams
 from reasonrl.rollout.factory import build_engine
@@ -62,7 +65,6 @@ from reasonrl.trainers.prepare import (
     hapo_entropy_stats,
     hapo_h_hat,
     loss_mask_for,
-    shape_rewards,
 )
 from reasonrl.trainers.sequence_parallel import DataParallelView, broadcast_from_leader, build_sequence_parallel
 from reasonrl.trainers.step import fixed_logprobs, group_stats, lockstep_acc, train_on_batch
@@ -105,6 +107,7 @@ def validate(config: RecipeConfig, world_size: int) -> None:
                           "micro-batches of optim.micro_batch_size rows)")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
+    build_reward_shapers(config)  # unknown shapers or arguments fail here, before any model is loaded
     for spec in config.rewards:
         try:
             resolve_reward(spec.name)
@@ -171,6 +174,19 @@ def _uses_hapo_entropy(algo) -> bool:
     return h.adaptive_temperature or h.adaptive_clip or h.redistribution
 
 
+def build_reward_shapers(config: RecipeConfig) -> list:
+    """algorithm.reward_shapers in order; `algorithm.overlong.penalty` (the DAPO switch) puts an overlong shaper
+    first unless the list has one."""
+    a = config.algorithm
+    specs = [(spec.name, dict(spec.args)) for spec in a.reward_shapers]
+    if a.overlong.penalty and not any(name == "overlong" for name, _ in specs):
+        specs.insert(0, ("overlong", {"buffer": a.overlong.buffer, "factor": a.overlong.factor}))
+    try:
+        return [build_shaper(name, args) for name, args in specs]
+    except ValueError as err:
+        raise ConfigError(f"algorithm.reward_shapers: {err}") from err
+
+
 def _validate_sequence_parallel(config: RecipeConfig) -> None:
     o = config.optim
     if config.model.attn_implementation != "reasonrl_sparse":
@@ -201,6 +217,9 @@ class GRPOTrainer:
             for spec in config.rewards
         ]
         self.logged_reward_errors: set[str] = set()
+        self.shapers = build_reward_shapers(config)
+        self.budget_shaper = next((x for x in self.shapers if isinstance(x, BudgetShaper)), None)
+        self.effort_shaper = next((x for x in self.shapers if isinstance(x, EffortShaper)), None)
 
         with self.acc.main_process_first():  # the built-in model is converted once, by the main process
             self.model_path = resolve_model_path(config.model.name_or_path)
@@ -275,7 +294,16 @@ class GRPOTrainer:
                                    seed=self.config.trainer.seed + 1_000_033 * round_)
         per_rank = r.prompts_per_step // self.dp.num_processes
         mine = indices[self.dp.process_index * per_rank : (self.dp.process_index + 1) * per_rank]
-        return [self.train_rows[i] for i in mine]
+        rows = [dict(self.train_rows[i]) for i in mine]
+        keys = [row["question"] for row in rows]
+        if self.effort_shaper is not None:  # e1: each prompt's effort, shown in its prompt
+            for row, effort in zip(rows, self.effort_shaper.draw(keys, step, round_)):
+                row["effort"] = effort
+        if self.budget_shaper is not None:  # RMT: each prompt's token budget sets its generation limit
+            limits = self.budget_shaper.max_new_tokens(keys, step, self.config.trainer.steps, r.max_new_tokens)
+            for row, limit in zip(rows, limits):
+                row["max_new_tokens"] = limit
+        return rows
 
     def _sampling_params(self, step: int, round_: int) -> SamplingParams:
         r, h = self.config.rollout, self.config.algorithm.hapo
@@ -290,8 +318,9 @@ class GRPOTrainer:
 
     def _generate(self, rows: list[dict], params: SamplingParams) -> tuple[RolloutBatch, list[str]]:
         r = self.config.rollout
-        prompts = [encode_prompt(self.tokenizer, row["question"], self.config.data.template) for row in rows]
-        out = self.engine.generate(prompts, params, [r.max_new_tokens] * len(prompts))
+        prompts = [encode_prompt(self.tokenizer, with_effort(row["question"], row.get("effort")),
+                                 self.config.data.template) for row in rows]
+        out = self.engine.generate(prompts, params, [row.get("max_new_tokens", r.max_new_tokens) for row in rows])
         width = max(1, max(len(ids) for ids in out.completion_ids))
         n = len(out.completion_ids)
         ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -339,11 +368,44 @@ class GRPOTrainer:
         return dynamic_sampling(self.dp, lambda round_: self._scored_round(step, round_),
                                 groups_per_rank=per_rank, cfg=ds)
 
+    @staticmethod
+    def _correct(scored: Scored) -> torch.Tensor:
+        """[N] 1.0 where the answer is right: the accuracy reward when there is one, else a positive reward."""
+        if "accuracy" in scored.per_func:
+            return torch.tensor(scored.per_func["accuracy"]).nan_to_num(0.0).clamp(min=0.0)
+        return (scored.rewards > 0).float()
+
+    def _shape_rewards(self, scored: Scored, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The reward shapers in order (overlong, RMT budget, effort, ...)."""
+        rows, g = scored.rows, self.config.rollout.group_size
+        per_row = lambda key: [row[key] for row in rows for _ in range(g)] if rows and key in rows[0] else None
+        efforts, limits = per_row("effort"), per_row("max_new_tokens")
+        ctx = ShapingContext(
+            rewards=scored.rewards.float(), correct=self._correct(scored), lengths=lengths,
+            truncated=torch.tensor([reason == "length" for reason in scored.batch.finish_reasons]),
+            prompt_keys=per_row("question"), group_size=g, step=self.step, total_steps=self.config.trainer.steps,
+            max_new_tokens=self.config.rollout.max_new_tokens,
+            efforts=None if efforts is None else torch.tensor(efforts, dtype=torch.float64),
+            max_tokens=None if limits is None else torch.tensor(limits), gather=self._gather_lists,
+        )
+        return apply_shapers(self.shapers, ctx)
+
+    def _gather_lists(self, keys: list, values: list) -> tuple[list, list]:
+        """Every data-parallel rank's (keys, values), in rank order: shaper statistics stay the same on all ranks."""
+        if self.acc.num_processes == 1:
+            return keys, values
+        every = [None] * self.acc.num_processes
+        torch.distributed.all_gather_object(every, (keys, values))
+        step = 1 if self.sp is None else self.sp.size  # ranks of a sequence-parallel group hold the same rows
+        pairs = every[::step]
+        return [k for ks, _ in pairs for k in ks], [v for _, vs in pairs for v in vs]
+
     def _sampling_policy_pass(self, batch: RolloutBatch):
         """(log-probs, entropies) [N, T] of the policy that sampled the batch, by a no-grad forward. Skipped when
         nothing needs them or when the engine returned the entropies (the hf engine does)."""
         a = self.config.algorithm
-        need_entropy = (_uses_hapo_entropy(a) or a.d3s.token_keep_start < 1) and batch.rollout_entropy is None
+        need_entropy = ((_uses_hapo_entropy(a) or a.d3s.token_keep_start < 1 or a.rmt.curriculum)
+                        and batch.rollout_entropy is None)
         need_logp = a.num_iterations > 1 or (a.kl_in == "reward" and self.ref_model is not None)
         if not (need_entropy or need_logp):
             return None, batch.rollout_entropy
@@ -381,8 +443,8 @@ class GRPOTrainer:
         batch, valid = scored.batch, scored.valid
         t1 = time.perf_counter()
         lengths = batch.completion_mask.sum(-1).float()
-        rewards, extra["reward/overlong_penalty"] = shape_rewards(
-            scored.rewards.float(), lengths, overlong=a.overlong, max_new_tokens=cfg.rollout.max_new_tokens)
+        rewards, shaping_metrics = self._shape_rewards(scored, lengths)
+        extra.update(shaping_metrics)
         old_logp, entropy = self._sampling_policy_pass(batch)
         if a.hapo.adaptive_temperature and self.sampling_stats is not None and entropy is not None:
             extra.update(adaptive_temperature_metrics(  # self.sampling_stats: still the ones this batch used
@@ -407,6 +469,17 @@ class GRPOTrainer:
         if token_keep < 1:
             batch.loss_mask = d3s_token_mask(acc, advantages, entropy, batch.loss_mask, keep_fraction=token_keep,
                                              scope=a.d3s.token_scope)
+        if a.rmt.curriculum:  # RMT: RL on a share of the tokens, from low to high entropy over training
+            batch.loss_mask = select_curriculum_tokens(
+                entropy, batch.loss_mask & batch.completion_mask, self.step / max(cfg.trainer.steps - 1, 1),
+                fraction=a.rmt.token_fraction, start=a.rmt.target_start, end=a.rmt.target_end, width=a.rmt.width,
+                generator=torch.Generator().manual_seed(cfg.trainer.seed * 7_919 + self.step))
+        ntp_weight = linear_schedule(self.step, max(cfg.trainer.steps - 1, 1), start=a.rmt.ntp_weight_start,
+                                     end=a.rmt.ntp_weight_end)
+        if ntp_weight:  # RMT dual loss: next-token prediction on every token of the chosen completions
+            rows = valid & (self._correct(scored) > 0) if a.rmt.ntp_rows == "correct" else valid
+            batch.ntp_mask = batch.completion_mask & rows[:, None]
+            extra["rmt/ntp_weight"] = ntp_weight
         h_hat = None
         if _uses_hapo_entropy(a):
             stats = hapo_entropy_stats(acc, entropy, batch.completion_mask & valid[:, None], pivot=a.hapo.entropy_pivot)
@@ -419,7 +492,8 @@ class GRPOTrainer:
             self.model, self.optimizer, self.scheduler, acc, batch, advantages,
             algo=a, optim=cfg.optim, pad_id=self.tokenizer.pad_token_id, temperature=cfg.rollout.temperature,
             norm_constant=a.loss_norm_constant or cfg.rollout.max_new_tokens, ref_model=self.ref_model,
-            old_logp=old_logp, h_hat=h_hat, rollout_is=self._rollout_is(),
+            old_logp=old_logp, h_hat=h_hat, rollout_is=self._rollout_is(), rl_weight=a.rmt.rl_weight,
+            ntp_weight=ntp_weight,
         )
         sync_metrics = self._sync_weights(batch, check=_due(self.step + 1, cfg.rollout.sync_check_every))
         t3 = time.perf_counter()
@@ -528,6 +602,7 @@ class GRPOTrainer:
                 "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "eval_history": self.eval_history, "num_processes": acc.num_processes,
                 "sampling_stats": None if self.sampling_stats is None else self.sampling_stats.to_list(),
+                "shapers": [x.state_dict() if hasattr(x, "state_dict") else None for x in self.shapers],
             }
             ckpt.write_main_files(stage, model=self.policy, tokenizer=self.tokenizer, trainer_state=state,
                                   state_dict=state_dict)
@@ -544,6 +619,9 @@ class GRPOTrainer:
         self.eval_history = state.get("eval_history", [])
         if state.get("sampling_stats") is not None:
             self.sampling_stats = EntropyStats.from_list(state["sampling_stats"])
+        for shaper, saved in zip(self.shapers, state.get("shapers", [])):
+            if saved is not None:
+                shaper.load_state_dict(saved)
         rng = ckpt.load_rank_rng(path, self.acc.process_index)
         if rng is not None:
             ckpt.set_rng_state(rng)

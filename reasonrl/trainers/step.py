@@ -14,6 +14,7 @@ import torch
 
 from reasonrl.rl.hapo import hapo_surrogate
 from reasonrl.rl.importance import rollout_correction
+from reasonrl.rl.length_control import dual_loss
 from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
 from reasonrl.trainers.distributed import backward, optimizer_step, zero_stage
 from reasonrl.trainers.policy import completion_logprobs, packed_completion_logprobs
@@ -167,30 +168,36 @@ def _policy_loss(logp, old, adv, h_hat, mask, algo):
 
 def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo, optim, pad_id, temperature,
                    norm_constant: int | None = None, ref_model=None, old_logp=None, h_hat=None,
-                   rollout_is: dict | None = None) -> dict:
+                   rollout_is: dict | None = None, rl_weight: float = 1.0, ntp_weight: float = 0.0) -> dict:
     """Runs `algo.num_iterations` optimizer steps on this rank's rows of the batch; returns global metrics.
 
     old_logp: [N, T] log-probs of the sampling policy (None: the first iteration's own, detached: ratio 1).
     h_hat: [N, T] HAPO normalized entropy, when adaptive clipping or advantage redistribution is on.
     rollout_is: keyword arguments of `rollout_correction` (level, mode, cap, floor) to reweight the policy-gradient
     term by pi_old / pi_rollout with the engine's log-probs (`batch.rollout_logprobs`); None: off.
+    rl_weight, ntp_weight: RMT's dual objective rl_weight * L_RL + ntp_weight * L_NTP, L_NTP the token-mean negative
+    log-likelihood of the `batch.ntp_mask` tokens (over every rank); ntp_weight = 0: plain RL.
     """
     device = acc.device
     mask = batch.trained_mask()
-    counts = torch.stack([mask.sum(), mask.any(-1).sum()]).float().to(device)
-    global_tokens, global_seqs = acc.reduce(counts, reduction="sum")
+    ntp_mask = batch.ntp_mask if ntp_weight and batch.ntp_mask is not None else torch.zeros_like(mask)
+    ntp_mask = ntp_mask & batch.completion_mask
+    counts = torch.stack([mask.sum(), mask.any(-1).sum(), ntp_mask.sum()]).float().to(device)
+    global_tokens, global_seqs, global_ntp_tokens = acc.reduce(counts, reduction="sum")
     kl_in_loss = ref_model is not None and algo.kl_in == "loss"
     rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
+    if ntp_mask.any():  # rows with next-token-prediction tokens take part even when A = 0
+        rows = torch.unique(torch.cat([rows, ntp_mask.any(-1).nonzero().squeeze(-1)]))
     size, budget, packed = optim.micro_batch_size, optim.micro_batch_tokens, optim.packing
     chunks = agreed_micro_batches(acc, micro_batches(batch, rows, size=size, token_budget=budget, packed=packed), rows)
     sp = sequence_parallel_of(acc)
     frozen = {"pad_id": pad_id, "temperature": temperature, "micro_batch_size": size, "token_budget": budget,
               "packed": packed, "lockstep_acc": lockstep_acc(acc), "sequence_parallel": sp}
-    sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped"], 0.0)
+    sums = dict.fromkeys(["tokens", "loss", "entropy", "kl", "is_skipped", "ntp"], 0.0)
     token_weighted: dict[str, float] = {}  # per-token fractions/means of the loss (clip/*, hapo/*, sampling/*)
     extremes: list[list[float]] = []  # per micro-batch [max |logp diff|, max IS ratio, -min IS ratio]
     grad_norms, lrs = [], []
-    if not chunks or global_tokens.item() == 0:  # no group carries a signal anywhere: nothing to learn
+    if not chunks or (global_tokens.item() == 0 and global_ntp_tokens.item() == 0):  # nothing to learn anywhere
         sums["is_skipped"] = 1.0
         return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations)
     ref_logp = None
@@ -229,9 +236,20 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 if ref_logp is not None:
                     kl = kl_estimate(logp, ref_logp[idx, :width].to(logp), algo.kl_estimator)
                     per_token = per_token + algo.kl_coef * kl
-                loss = aggregate_loss(per_token, m, norm_constant=norm_constant, **agg)
+                if global_tokens.item() > 0:
+                    rl_loss = aggregate_loss(per_token, m, norm_constant=norm_constant, **agg)
+                else:  # only next-token-prediction tokens this step
+                    rl_loss = (per_token * 0.0).sum()
                 if algo.entropy_coef:
-                    loss = loss - algo.entropy_coef * entropy_term(ent, m, **agg)
+                    rl_loss = rl_loss - algo.entropy_coef * entropy_term(ent, m, **agg)
+                loss = rl_loss
+                if ntp_weight:
+                    ntp_m = ntp_mask[idx, :width].to(logp.device)
+                    ntp = -(logp * ntp_m).sum() / global_ntp_tokens.clamp(min=1)
+                    loss = dual_loss(rl_loss, ntp, rl_weight=rl_weight, ntp_weight=ntp_weight)
+                    sums["ntp"] += float(ntp.detach()) * weight
+                elif rl_weight != 1.0:
+                    loss = rl_weight * rl_loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) in a micro-batch of rows {idx.tolist()[:8]}...; check "
@@ -240,7 +258,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 backward(acc, model, loss * scale * weight, last=sync)
             n_tok = float(m.sum()) * weight
             sums["tokens"] += n_tok
-            sums["loss"] += loss.item() * weight
+            sums["loss"] += rl_loss.item() * weight
             sums["entropy"] += float((ent.detach() * m).sum()) * weight
             sums["kl"] += float((kl.detach() * m).sum()) * weight if kl is not None else 0.0
             for key, value in clip.items():
@@ -271,6 +289,7 @@ def _finish_metrics(acc, sums: dict, grad_norms: list, lrs: list, iterations: in
     return {
         **{k: total[k] / tokens for k in weighted},
         "loss/policy": total["loss"] / iterations,
+        "loss/ntp": total["ntp"] / iterations,
         "policy/entropy": total["entropy"] / tokens,
         "policy/kl": total["kl"] / tokens,
         "train/tokens": total["tokens"] / iterations,

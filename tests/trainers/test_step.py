@@ -268,3 +268,43 @@ def test_rollout_importance_weights_scale_the_policy_gradient(cap, factor):
     assert metrics["sampling/logp_diff_max"] == pytest.approx(math.log(2.0), abs=1e-5)
     assert metrics["sampling/is_ratio_min"] == pytest.approx(2.0, rel=1e-5)
     assert metrics["sampling/is_ratio_max"] == pytest.approx(2.0, rel=1e-5)
+
+
+def naive_ntp_grads(model, batch, ntp_mask, *, temperature):
+    """Per row: -sum of the chosen tokens' log-probs / number of chosen tokens in the batch (token mean)."""
+    total = ntp_mask.sum()
+    model.zero_grad()
+    for i in range(batch.num_rows):
+        n = int(batch.completion_mask[i].sum())
+        if not ntp_mask[i].any():
+            continue
+        seq = torch.tensor(batch.prompt_ids[i] + batch.completion_ids[i, :n].tolist())[None]
+        p = len(batch.prompt_ids[i])
+        logits = model(input_ids=seq).logits[0, p - 1 : p - 1 + n] / temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, seq[0, p:, None]).squeeze(-1)
+        (-(logp * ntp_mask[i, :n]).sum() / total).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_dual_loss_endpoints_rl_only_and_ntp_only(micro):
+    """RMT dual objective: ntp_weight = 0 is exactly the RL step; rl_weight = 0 is next-token prediction on the
+    chosen tokens only (here rows 2 and 3, whose advantages are 0, so they train through the NTP term alone)."""
+    batch = make_batch(seed=5)
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, -0.5])
+    ntp_mask = torch.zeros_like(batch.completion_mask)
+    ntp_mask[2:4] = batch.completion_mask[2:4]
+    batch.ntp_mask = ntp_mask
+    plain, _ = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0)
+    rl_only, _ = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0, ntp_weight=0.0)
+    ntp_only, metrics = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0, rl_weight=0.0,
+                                      ntp_weight=1.0)
+    reference = naive_ntp_grads(tiny_model(), batch, ntp_mask, temperature=1.0)
+    for name in reference:
+        assert torch.equal(rl_only[name], plain[name]), name
+        torch.testing.assert_close(ntp_only[name], reference[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert metrics["loss/ntp"] > 0
+    # both terms: the sum of the two gradients (weights 1 and 0.5)
+    both, _ = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=1.0, ntp_weight=0.5)
+    for name in reference:
+        torch.testing.assert_close(both[name], plain[name] + 0.5 * reference[name], atol=2e-6, rtol=1e-4, msg=name)

@@ -1,0 +1,172 @@
+"""Reward shapers: a list applied in order to the step's rewards (`algorithm.reward_shapers`).
+
+Each shaper sees the batch (`ShapingContext`) and returns the new reward vector plus metrics. Some also act before
+generation: the RMT budget shaper sets each prompt's `max_new_tokens`, the effort shaper draws each prompt's effort
+(shown in the prompt). Per-prompt running statistics live in `PromptLengthTracker`s, checkpointed with the run.
+
+- `overlong`: DAPO soft overlong punishment, added (algorithms.md 0).
+- `rmt_budget`: RMT dynamic token budget (algorithms.md 3.1): B_t(x) = max(B_min, B_0(x) * gamma^((t/T)^k)) with
+  B_0(x) the running (EMA) length of x's correct completions (before any: `initial`); the triangular length reward
+  r_len(l; B_t) is added to correct answers (weight) or multiplies the reward; generation stops at margin * B_t.
+- `effort`: e1 adaptive effort control (algorithms.md 5): the reward is paid only when the completion length
+  l <= r * T(x), r the prompt's effort, T(x) its mean completion length (this group's, or the running EMA).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from reasonrl.data.effort import EFFORT_LEVELS, check_effort
+from reasonrl.rl.length_control import (
+    PromptLengthTracker,
+    budget_length_reward,
+    correct_length_budget,
+    effort_reward,
+    group_mean_length,
+    rmt_budget,
+)
+from reasonrl.rl.shaping import overlong_penalty
+
+SHAPERS = ("overlong", "rmt_budget", "effort")
+
+
+@dataclass
+class ShapingContext:
+    rewards: torch.Tensor  # [N] current rewards
+    correct: torch.Tensor  # [N] 1.0 where the answer is correct
+    lengths: torch.Tensor  # [N] completion tokens
+    truncated: torch.Tensor  # [N] bool: hit max_new_tokens
+    prompt_keys: list[str]  # [N] the prompt (question) of each row
+    group_size: int
+    step: int
+    total_steps: int
+    max_new_tokens: int
+    efforts: torch.Tensor | None = None  # [N] effort of each row (effort shaper)
+    max_tokens: torch.Tensor | None = None  # [N] each row's own max_new_tokens (RMT budget)
+    # every rank's (keys, values) for tracker updates: identity in one process, an all-gather otherwise
+    gather: callable = field(default=lambda keys, values: (keys, values))
+
+
+class OverlongShaper:
+    def __init__(self, buffer: int = 8, factor: float = 1.0):
+        self.buffer, self.factor = buffer, factor
+
+    def __call__(self, ctx: ShapingContext):
+        max_len = ctx.max_tokens if ctx.max_tokens is not None else None
+        if max_len is None:
+            penalty = overlong_penalty(ctx.lengths, max_len=ctx.max_new_tokens, buffer=min(self.buffer,
+                                       ctx.max_new_tokens), factor=self.factor)
+        else:  # per-row limits (a budget shaper ran before generation)
+            penalty = torch.stack([overlong_penalty(ctx.lengths[i : i + 1], max_len=int(m), buffer=min(self.buffer,
+                                   int(m)), factor=self.factor)[0] for i, m in enumerate(max_len.tolist())])
+        return ctx.rewards + penalty.to(ctx.rewards.dtype), {"reward/overlong_penalty": float(penalty.mean())}
+
+
+class BudgetShaper:
+    def __init__(self, initial: float | None = None, gamma: float = 0.5, minimum: float = 8.0, k: float = 1.0,
+                 variant: str = "ratio_pow", shape: str = "rise_fall", mode: str = "additive", weight: float = 0.5,
+                 margin: float = 1.25, decay: float = 0.9, quantile: float = 1.0):
+        self.initial, self.gamma, self.minimum, self.k, self.variant = initial, gamma, minimum, k, variant
+        self.shape, self.mode, self.weight, self.margin, self.quantile = shape, mode, weight, margin, quantile
+        if mode not in ("additive", "multiplicative"):
+            raise ValueError(f"rmt_budget mode must be additive or multiplicative, got {mode!r}")
+        if margin < 1:
+            raise ValueError(f"rmt_budget margin must be >= 1, got {margin}")
+        self.tracker = PromptLengthTracker(decay=decay)
+
+    def budgets(self, keys: list[str], step: int, total_steps: int, max_new_tokens: int) -> torch.Tensor:
+        start = float(self.initial if self.initial is not None else max_new_tokens)
+        initial = torch.tensor([self.tracker.get(key, start) for key in keys], dtype=torch.float64)
+        return rmt_budget(step, total_steps, initial=initial, gamma=self.gamma, minimum=self.minimum, k=self.k,
+                          variant=self.variant)
+
+    def max_new_tokens(self, keys: list[str], step: int, total_steps: int, max_new_tokens: int) -> list[int]:
+        """Generation limits: margin * B_t(x), at most the recipe's max_new_tokens."""
+        budgets = self.budgets(keys, step, total_steps, max_new_tokens)
+        return [max(1, min(max_new_tokens, math.ceil(self.margin * float(b)))) for b in budgets]
+
+    def __call__(self, ctx: ShapingContext):
+        budget = self.budgets(ctx.prompt_keys, ctx.step, ctx.total_steps, ctx.max_new_tokens)
+        r_len = budget_length_reward(ctx.lengths.double(), budget, shape=self.shape).to(ctx.rewards.dtype)
+        correct = (ctx.correct > 0).to(ctx.rewards.dtype)
+        if self.mode == "additive":
+            shaped = ctx.rewards + self.weight * r_len * correct
+        else:
+            shaped = ctx.rewards * r_len
+        # the next budgets start from the lengths of correct answers (groups without one keep their statistics)
+        g = ctx.group_size
+        per_group = correct_length_budget(ctx.lengths.double(), correct, g, quantile=self.quantile, fallback=1.0)
+        has_correct = (correct.view(-1, g) > 0).any(dim=1).tolist()
+        keys = [ctx.prompt_keys[i * g] for i, ok in enumerate(has_correct) if ok]
+        values = [float(v) for v, ok in zip(per_group, has_correct) if ok]
+        self.tracker.update(*ctx.gather(keys, values))
+        return shaped, {"rmt/budget_mean": float(budget.mean()), "rmt/length_reward_mean": float(r_len.mean())}
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)
+
+
+class EffortShaper:
+    def __init__(self, levels: list[float] | tuple[float, ...] = EFFORT_LEVELS, band: float = 0.0,
+                 mean: str = "group", decay: float = 0.9, seed: int = 0):
+        self.levels = [check_effort(level) for level in levels]
+        if mean not in ("group", "ema"):
+            raise ValueError(f"effort mean must be 'group' or 'ema', got {mean!r}")
+        self.band, self.mean, self.seed = band, mean, seed
+        self.tracker = PromptLengthTracker(decay=decay)
+
+    def draw(self, keys: list[str], step: int, round_: int = 0) -> list[float]:
+        """One effort per prompt, uniform over `levels`, reproducible from (seed, step, round, prompt)."""
+        return [random.Random(f"{self.seed}/{step}/{round_}/{key}").choice(self.levels) for key in keys]
+
+    def __call__(self, ctx: ShapingContext):
+        if ctx.efforts is None:
+            raise ValueError("the effort shaper needs each row's effort (ShapingContext.efforts)")
+        g = ctx.group_size
+        cap = float(ctx.max_new_tokens)
+        group_mean = group_mean_length(ctx.lengths.double(), g, truncated=ctx.truncated, cap=cap)
+        keys = [ctx.prompt_keys[i * g] for i in range(len(group_mean))]
+        if self.mean == "ema":  # the running mean before this step's samples (first visit: this group's mean)
+            reference = torch.tensor([self.tracker.get(key, float(m)) for key, m in zip(keys, group_mean)],
+                                     dtype=torch.float64)
+        else:
+            reference = group_mean
+        self.tracker.update(*ctx.gather(keys, [float(m) for m in group_mean]))
+        per_row = reference.repeat_interleave(g)
+        gate = effort_reward(torch.ones_like(per_row), ctx.lengths.double(), ctx.efforts.double(), per_row,
+                             band=self.band, truncated=ctx.truncated)
+        shaped = ctx.rewards * gate.to(ctx.rewards.dtype)
+        return shaped, {"effort/within_frac": float(gate.mean()), "effort/mean_length": float(per_row.mean()),
+                        "effort/mean": float(ctx.efforts.mean())}
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)
+
+
+def build_shaper(name: str, args: dict):
+    factories = {"overlong": OverlongShaper, "rmt_budget": BudgetShaper, "effort": EffortShaper}
+    if name not in factories:
+        raise ValueError(f"unknown reward shaper {name!r}; choose from {SHAPERS}")
+    try:
+        return factories[name](**args)
+    except TypeError as err:
+        raise ValueError(f"reward shaper {name!r}: {err}") from err
+
+
+def apply_shapers(shapers: list, ctx: ShapingContext) -> tuple[torch.Tensor, dict]:
+    """Run the shapers in order, each on the previous one's rewards."""
+    metrics: dict = {}
+    for shaper in shapers:
+        ctx.rewards, more = shaper(ctx)
+        metrics.update(more)
+    return ctx.rewards, metrics

@@ -1,0 +1,81 @@
+"""Reward shapers composed as a list: overlong (DAPO), RMT token budget, e1 effort; their checkpointed state."""
+
+import json
+
+import pytest
+import torch
+
+from reasonrl.rl.shapers import BudgetShaper, EffortShaper, OverlongShaper, ShapingContext, apply_shapers, build_shaper
+from reasonrl.rl.shaping import overlong_penalty
+
+
+def context(**overrides):
+    base = {
+        "rewards": torch.tensor([1.0, 0.0, 1.0, 1.0]), "correct": torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        "lengths": torch.tensor([10.0, 20.0, 30.0, 40.0]), "truncated": torch.tensor([False, False, False, True]),
+        "prompt_keys": ["a", "a", "b", "b"], "group_size": 2, "step": 0, "total_steps": 10, "max_new_tokens": 40,
+    }
+    base.update(overrides)
+    return ShapingContext(**base)
+
+
+def test_overlong_shaper_equals_the_dapo_penalty():
+    ctx = context()
+    shaped, metrics = OverlongShaper(buffer=16, factor=1.0)(ctx)
+    expected = ctx.rewards + overlong_penalty(ctx.lengths, max_len=40, buffer=16)
+    assert torch.allclose(shaped, expected)
+    # by hand: start = 24; l = 30 -> -(6/16) = -0.375; l = 40 -> -1
+    assert shaped.tolist() == pytest.approx([1.0, 0.0, 0.625, 0.0])
+    assert metrics["reward/overlong_penalty"] == pytest.approx((0 + 0 - 0.375 - 1.0) / 4)
+
+
+def test_budget_shaper_by_hand_and_its_running_statistics():
+    shaper = BudgetShaper(gamma=0.5, minimum=4, weight=0.5, decay=0.5)
+    # step 0: B = initial = max_new_tokens = 40 for both prompts; r_len = l / 40
+    shaped, metrics = shaper(context())
+    assert shaped.tolist() == pytest.approx([1 + 0.5 * 10 / 40, 0.0, 1 + 0.5 * 30 / 40, 1 + 0.5 * 40 / 40])
+    assert metrics["rmt/budget_mean"] == 40
+    # the correct lengths became each prompt's B_0: a -> 10 (its only correct one), b -> max(30, 40) = 40
+    assert shaper.tracker.get("a") == 10 and shaper.tracker.get("b") == 40
+    # at the last step B = B_0 * gamma: a -> 5, b -> 20; the generation limit is margin * B
+    assert shaper.budgets(["a", "b"], 10, 10, 40).tolist() == [5.0, 20.0]
+    assert shaper.max_new_tokens(["a", "b", "new"], 10, 10, 40) == [7, 25, 25]  # ceil(1.25 * 5), ..., 40 * 0.5
+    # past the budget the triangular reward falls: l = 15 with B = 10 -> 2 - 1.5 = 0.5
+    later = context(lengths=torch.tensor([15.0, 20.0, 30.0, 40.0]), step=0, prompt_keys=["a", "a", "c", "c"])
+    shaped, _ = BudgetShaper(initial=10, gamma=0.5, minimum=4, weight=1.0)(later)
+    assert shaped[0].item() == pytest.approx(1.5)
+
+
+def test_effort_shaper_pays_only_within_effort_times_the_mean_length():
+    # group a: mean length 15 (both rows); group b: row 4 is truncated -> mean over the untruncated: 30
+    ctx = context(efforts=torch.tensor([1.0, 1.0, 0.5, 0.5]))
+    shaped, metrics = EffortShaper(mean="group")(ctx)
+    # a: 10 <= 15 pays, 20 > 15 (reward 0 anyway); b: 30 > 0.5 * 30 = 15 -> 0; truncated -> 0
+    assert shaped.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert metrics["effort/within_frac"] == pytest.approx(0.25)
+
+
+def test_effort_draws_are_reproducible_and_from_the_levels():
+    shaper = EffortShaper(levels=[0.25, 1.0], seed=3)
+    first = shaper.draw(["x", "y", "z"], step=5)
+    assert first == shaper.draw(["x", "y", "z"], step=5) and set(first) <= {0.25, 1.0}
+    assert any(shaper.draw(["x"], step=s)[0] != first[0] for s in range(6, 20))
+
+
+def test_shapers_compose_in_order_and_state_round_trips():
+    ctx = context(efforts=torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    overlong, effort = OverlongShaper(buffer=16), EffortShaper(mean="ema", decay=0.5)
+    shaped, metrics = apply_shapers([overlong, effort], ctx)
+    assert "reward/overlong_penalty" in metrics and "effort/within_frac" in metrics
+    # the effort gate multiplies the overlong-shaped rewards: row 0 pays 1.0, row 3 is truncated
+    assert shaped[0].item() == 1.0 and shaped[3].item() == 0.0
+    restored = EffortShaper(mean="ema", decay=0.5)
+    restored.load_state_dict(json.loads(json.dumps(effort.state_dict())))
+    assert restored.tracker.get("a") == effort.tracker.get("a") == 15.0
+
+
+def test_bad_shaper_names_and_arguments():
+    with pytest.raises(ValueError, match="unknown reward shaper"):
+        build_shaper("shorter", {})
+    with pytest.raises(ValueError, match="rmt_budget"):
+        build_shaper("rmt_budget", {"gama": 0.5})
