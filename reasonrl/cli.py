@@ -1,4 +1,5 @@
-"""`reasonrl` command line: train a recipe, evaluate a model or checkpoint, serve a model for rollouts."""
+"""`reasonrl` command line: train a recipe, evaluate a model or checkpoint, generate completions, serve a model for
+rollouts."""
 
 from __future__ import annotations
 
@@ -78,22 +79,154 @@ def _eval(args) -> int:
     if args.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
         raise SystemExit("a LoRA checkpoint is evaluated with --engine hf (vLLM would need the merged model saved)")
     model = load_eval_model(model_path, args.dtype)
-    engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size)
+    engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size,  # vllm_*: vLLM's defaults
+                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None)
     engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
                           model_dtype=args.dtype, seed=0)
     start = time.perf_counter()
     result = greedy_accuracy(engine, tokenizer, rows, template=data.template, max_new_tokens=args.max_new_tokens,
-                             answer_mode=args.answer_mode)
+                             answer_mode=args.answer_mode, effort=args.effort)
     summary = {
         "model": model_path, "task": args.config or args.task, "n": int(result["n"]),
         "accuracy": result["correct"] / max(result["n"], 1), "mean_length": result["tokens"] / max(result["n"], 1),
         "max_new_tokens": args.max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
     }
+    if args.effort is not None:
+        summary["effort"] = args.effort
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"accuracy {summary['accuracy']:.1%} on {summary['n']} problems, mean length "
+        effort = "" if args.effort is None else f" at effort {args.effort:g}"
+        print(f"accuracy {summary['accuracy']:.1%} on {summary['n']} problems{effort}, mean length "
               f"{summary['mean_length']:.1f} tokens ({summary['seconds']} s)")
+    return 0
+
+
+def effort_arg(text: str) -> float:
+    """argparse type of --effort: a number in (0, 1]."""
+    from reasonrl.data.effort import check_effort
+
+    try:
+        return check_effort(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """The questions of a JSONL file: one JSON object with a non-empty "question" string per non-empty line."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+            question = row.get("question") if isinstance(row, dict) else None
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f'{path}:{line_no}: needs a JSON object with a non-empty "question" string')
+            questions.append(question)
+    return questions
+
+
+def _generation_engine(args, model_path: str, tokenizer, reflex):
+    """The engine of `reasonrl generate`: HFEngine on the loaded model, or an in-process VLLMEngine carrying the
+    CyclicReflex settings (vLLM takes logits processors at start-up only)."""
+    from reasonrl.rollout.factory import build_engine
+
+    if args.engine == "hf":
+        model = load_eval_model(model_path, args.dtype)
+        engine_cfg = argparse.Namespace(engine="hf", batch_size=args.batch_size)
+        return build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
+                            model_dtype=args.dtype, seed=args.seed or 0)
+    if (Path(model_path) / "adapter_config.json").is_file():
+        raise ValueError("a LoRA checkpoint generates with --engine hf (vLLM would need the merged model saved)")
+    from transformers import GenerationConfig
+
+    from reasonrl.rollout.factory import eos_token_ids
+    from reasonrl.rollout.vllm_engine import VLLMEngine
+
+    try:  # the EOS ids of HFEngine (tokenizer + generation config) without loading the model a second time
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json
+        generation_config = None
+    eos = eos_token_ids(tokenizer, argparse.Namespace(generation_config=generation_config))
+    return VLLMEngine(model_path, dtype=args.dtype, seed=args.seed or 0, eos_token_ids=eos, cyclic_reflex=reflex)
+
+
+def _generate_completions(engine, prompts: list[list[int]], params, max_new_tokens: int, hf_reflex):
+    """All completions, prompt-major. With CyclicReflex on HFEngine, one call per prompt: the transformers processor
+    counts generated tokens from the prompt width, and HFEngine left-pads a call's rows to its longest prompt."""
+    if hf_reflex is None:
+        return engine.generate(prompts, params, [max_new_tokens] * len(prompts))
+    from dataclasses import replace
+
+    from reasonrl.rollout.base import RolloutOutput
+
+    out = RolloutOutput([], [], [])
+    for i, ids in enumerate(prompts):
+        part = engine.generate([ids], replace(params, seed=params.request_seed(i)), [max_new_tokens],
+                               logits_processors=[hf_reflex.hf_processor(prompt_width=len(ids))])
+        out.completion_ids += part.completion_ids
+        out.logprobs += part.logprobs
+        out.finish_reasons += part.finish_reasons
+    return out
+
+
+def _generate(args) -> int:
+    from reasonrl.data.effort import with_effort
+    from reasonrl.data.prompts import encode_prompt
+    from reasonrl.models import load_tokenizer
+    from reasonrl.rollout.base import SamplingParams
+    from reasonrl.rollout.cyclic_reflex import REFLECTION_WORDS
+    from reasonrl.rollout.cyclic_reflex_vllm import CyclicReflexSettings
+
+    questions = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not questions:
+        raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
+    if "{question}" not in args.template:
+        raise ValueError(f"--template must contain {{question}}, got {args.template!r}")
+    if args.max_new_tokens < 1 or args.n < 1 or args.temperature < 0:
+        raise ValueError("need --max-new-tokens >= 1, --n >= 1 and --temperature >= 0")
+    if args.n > 1 and args.temperature == 0:
+        raise ValueError("greedy decoding (--temperature 0) gives one completion per question: "
+                         "set --temperature for --n")
+    model_path = resolve_eval_model(args.model)
+    tokenizer = load_tokenizer(model_path)
+    reflex = None
+    if args.cyclic_reflex:
+        reflex = CyclicReflexSettings.from_tokenizer(
+            tokenizer, amplitude=args.reflex_amplitude, period=args.reflex_period, shift=args.reflex_shift,
+            words=args.reflex_word or REFLECTION_WORDS, think_end=args.think_end,
+        )
+    prompts = [encode_prompt(tokenizer, with_effort(q, args.effort), args.template) for q in questions]
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    engine = _generation_engine(args, model_path, tokenizer, reflex)
+    start = time.perf_counter()
+    try:
+        out = _generate_completions(engine, prompts, params, args.max_new_tokens,
+                                    reflex if args.engine == "hf" else None)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    seconds = time.perf_counter() - start
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    for k, (ids, text, reason) in enumerate(zip(out.completion_ids, texts, out.finish_reasons)):
+        i, j = divmod(k, args.n)
+        if args.json:
+            print(json.dumps({
+                "prompt_index": i, "completion_index": j, "question": questions[i], "effort": args.effort,
+                "prompt": tokenizer.decode(prompts[i]), "completion": text, "tokens": len(ids),
+                "finish_reason": reason,
+            }), flush=True)
+            continue
+        if j == 0:
+            print(f"=== prompt {i + 1}/{len(questions)}: {questions[i]!r}")
+        print(f"--- completion {j + 1}/{args.n} ({len(ids)} tokens, {reason})\n{text}", flush=True)
+    if not args.json:
+        total = sum(len(ids) for ids in out.completion_ids)
+        print(f"{len(texts)} completions, {total} tokens in {seconds:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -116,12 +249,49 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ev.add_argument("--json", action="store_true", help="print one JSON line")
+    ev.add_argument("--effort", type=effort_arg, help="e1 effort r in (0, 1]: the prompts get the effort line")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     ev.set_defaults(func=_eval)
+    add_generate_parser(sub)
     from reasonrl.serve import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from reasonrl.drqa_cli import add_parser as add_drqa_parser
+
+    add_drqa_parser(sub)
     return parser
+
+
+def add_generate_parser(sub) -> None:
+    from reasonrl.rollout.cyclic_reflex import REFLECTION_WORDS
+
+    gen = sub.add_parser("generate", help="completions of a model, checkpoint or run folder for given questions")
+    gen.add_argument("model", help="run folder, checkpoint folder, local HF folder, hub id or built-in name")
+    gen.add_argument("--prompt", action="append", metavar="TEXT", help="a question (repeatable)")
+    gen.add_argument("--prompts-file", metavar="FILE", help='JSONL file: one {"question": ...} object per line')
+    gen.add_argument("--template", default=DataConfig.template,
+                     help="prompt template with {question} (default: the arithmetic template of the recipes)")
+    gen.add_argument("--effort", type=effort_arg, help="e1 effort r in (0, 1]: the question gets the effort line")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--n", type=int, default=1, help="completions per question")
+    gen.add_argument("--seed", type=int, help="sampling seed (reproducible sampling)")
+    gen.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    gen.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences generated together")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    reflex = gen.add_argument_group("CyclicReflex (reflection-token logit wave, algorithms.md section 8)")
+    reflex.add_argument("--cyclic-reflex", action="store_true", help="add the triangular wave to reflection tokens")
+    reflex.add_argument("--reflex-amplitude", type=float, default=1.0, metavar="A")
+    reflex.add_argument("--reflex-period", type=int, default=600, metavar="P", help="in generated tokens")
+    reflex.add_argument("--reflex-shift", type=float, default=0.0, metavar="S", help="phase shift, in periods")
+    reflex.add_argument("--reflex-word", action="append", metavar="TOKEN",
+                        help="reflection token, an exact vocabulary entry (repeatable; default: "
+                        f"{' '.join(REFLECTION_WORDS)})")
+    reflex.add_argument("--think-end", default="</think>",
+                        help="the wave stops after this token (ignored if it is not a single vocabulary entry)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per completion (with the prompt text)")
+    gen.set_defaults(func=_generate)
 
 
 def main(argv: list[str] | None = None) -> int:

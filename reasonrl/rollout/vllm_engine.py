@@ -38,7 +38,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from reasonrl.rollout import cyclic_reflex_vllm
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
+from reasonrl.rollout.cyclic_reflex_vllm import CyclicReflexSettings
 from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -66,6 +68,7 @@ class VLLMEngine:
         eos_token_ids: list[int] | None = None,
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool | None = None,
+        cyclic_reflex: CyclicReflexSettings | None = None,
         **llm_kwargs,
     ):
         """Start the engine.
@@ -75,7 +78,9 @@ class VLLMEngine:
         GPU). ``kv_cache_memory_bytes`` sets the KV cache size directly instead, which is steadier when colocated.
         ``eos_token_ids`` defaults to the tokenizer's EOS; pass the same list as to ``HFEngine`` to stop on the same
         tokens. ``seed`` seeds vLLM's own start-up; for reproducible rollouts pass ``SamplingParams.seed`` (unseeded
-        requests draw from the process's global RNG). Extra keyword arguments go to ``vllm.LLM`` unchanged.
+        requests draw from the process's global RNG). ``cyclic_reflex`` applies the CyclicReflex logit bias to every
+        request of ``generate`` (a plain attribute: set ``engine.cyclic_reflex`` to change it between calls). Extra
+        keyword arguments go to ``vllm.LLM`` unchanged.
         """
         # Must be set before vllm builds the engine: it picks the in-process client from this variable.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -104,12 +109,16 @@ class VLLMEngine:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if on_cpu:
             options["enable_chunked_prefill"] = False  # see the module docstring
-        # HAPO adaptive temperature: vLLM v1 takes processor classes at start-up only; this one acts on a request
-        # only when its SamplingParams.extra_args carry the statistics (see _vllm_params).
+        # HAPO adaptive temperature and CyclicReflex: vLLM v1 takes processor classes at start-up only; each acts on a
+        # request only when its SamplingParams.extra_args carry that processor's entry (see _vllm_params).
         from reasonrl.rollout.adaptive_temperature import vllm_logits_processor_class
 
-        options["logits_processors"] = [vllm_logits_processor_class()]
+        reflex_class = cyclic_reflex_vllm.vllm_logits_processor_class()
+        options["logits_processors"] = [vllm_logits_processor_class(), reflex_class]
         options.update(llm_kwargs)
+        if cyclic_reflex is not None and reflex_class not in options["logits_processors"]:
+            options["logits_processors"] = [*options["logits_processors"], reflex_class]
+        self.cyclic_reflex = cyclic_reflex
         with _keep_process_state():
             self.llm = LLM(**options)
         self._check_in_process()
@@ -167,8 +176,11 @@ class VLLMEngine:
 
         from reasonrl.rollout.adaptive_temperature import request_extra_args
 
+        extra_args = request_extra_args(params)
+        if self.cyclic_reflex is not None:
+            extra_args.update(self.cyclic_reflex.to_extra_args())
         return VLLMSamplingParams(
-            extra_args=request_extra_args(params) or None,
+            extra_args=extra_args or None,
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reasonrl.data.effort import with_effort
 from reasonrl.data.prompts import encode_prompt
 from reasonrl.rewards.math import accuracy_reward
 from reasonrl.rollout.base import SamplingParams
@@ -9,15 +10,16 @@ from reasonrl.rollout.base import SamplingParams
 
 def greedy_accuracy(
     engine, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, answer_mode: str = "lenient",
-    num_scored: int | None = None,
+    num_scored: int | None = None, effort: float | None = None,
 ) -> dict:
     """Returns {"correct", "n", "tokens", "samples"}: counts, so ranks can sum them before dividing.
 
     num_scored: count only the first rows (the rest only keep ranks that generate in lockstep, ZeRO-3, in step).
+    effort: e1 effort r in (0, 1]; each question gets the effort line (`with_effort`) before the template. None: none.
     """
     if not rows:
         return {"correct": 0.0, "n": 0.0, "tokens": 0.0, "samples": []}
-    prompts = [encode_prompt(tokenizer, row["question"], template) for row in rows]
+    prompts = [encode_prompt(tokenizer, with_effort(row["question"], effort), template) for row in rows]
     out = engine.generate(prompts, SamplingParams(n=1, temperature=0.0), [max_new_tokens] * len(prompts))
     if num_scored is not None:
         rows, out.completion_ids = rows[:num_scored], out.completion_ids[:num_scored]
