@@ -92,6 +92,8 @@ class DataConfig:
     num_eval: int = 200
     seed: int = 0
     template: str = "What is {question}? Put the final answer after '####'."
+    # further fields of each file/hub row handed to the reward functions (e.g. [ref_length] for DRQA)
+    extra_columns: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -36,10 +36,12 @@ def _hash_answer(text: str) -> str:
     return text.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
-def check_row(row, where: str, question_key: str, answer_key: str, answer_mode: str) -> dict:
+def check_row(row, where: str, question_key: str, answer_key: str, answer_mode: str,
+              extra_columns: tuple[str, ...] | list[str] = ()) -> dict:
+    """{"question", "answer"} plus the `extra_columns` (passed on to reward functions, e.g. DRQA's ref_length)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: row is not a JSON object")
-    for key in (question_key, answer_key):
+    for key in (question_key, answer_key, *extra_columns):
         if key not in row:
             raise DataError(f"{where}: missing key {key!r} (keys: {sorted(row)})")
     q, a = row[question_key], row[answer_key]
@@ -52,11 +54,12 @@ def check_row(row, where: str, question_key: str, answer_key: str, answer_mode: 
         if "####" not in a:
             raise DataError(f"{where}: {answer_key!r} has no '####' final answer")
         a = _hash_answer(a)
-    return {"question": q, "answer": a}
+    return {**{key: row[key] for key in extra_columns}, "question": q, "answer": a}
 
 
 def load_jsonl_rows(
-    path, *, question_key: str = "question", answer_key: str = "answer", answer_mode: str = "hash"
+    path, *, question_key: str = "question", answer_key: str = "answer", answer_mode: str = "hash",
+    extra_columns: tuple[str, ...] | list[str] = (),
 ) -> list[dict]:
     """Load ``{"question", "answer"}`` rows from a JSONL (or .parquet) file.
 
@@ -74,7 +77,7 @@ def load_jsonl_rows(
 
         ds = load_dataset("parquet", data_files=str(path), split="train")
         for idx, row in enumerate(ds):
-            rows.append(check_row(row, f"{path}:row {idx}", question_key, answer_key, answer_mode))
+            rows.append(check_row(row, f"{path}:row {idx}", question_key, answer_key, answer_mode, extra_columns))
     else:
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
@@ -85,7 +88,7 @@ def load_jsonl_rows(
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg})") from e
-                rows.append(check_row(row, where, question_key, answer_key, answer_mode))
+                rows.append(check_row(row, where, question_key, answer_key, answer_mode, extra_columns))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

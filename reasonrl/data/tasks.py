@@ -25,7 +25,8 @@ def _arithmetic_split(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def _file_rows(cfg, path: str) -> list[dict]:
-    return load_jsonl_rows(path, question_key=cfg.question_key, answer_key=cfg.answer_key, answer_mode=cfg.answer_mode)
+    return load_jsonl_rows(path, question_key=cfg.question_key, answer_key=cfg.answer_key, answer_mode=cfg.answer_mode,
+                           extra_columns=tuple(cfg.extra_columns))
 
 
 def _file_split(cfg) -> tuple[list[dict], list[dict]]:
@@ -54,7 +55,7 @@ def _hub_split(cfg) -> tuple[list[dict], list[dict]]:
             raise DataError(f"{cfg.path}[{split}] has no column(s) {sorted(missing)}; columns: {ds.column_names}")
         where = f"{cfg.path}[{split}]:row"
         return [
-            check_row(row, f"{where} {i}", cfg.question_key, cfg.answer_key, cfg.answer_mode)
+            check_row(row, f"{where} {i}", cfg.question_key, cfg.answer_key, cfg.answer_mode, tuple(cfg.extra_columns))
             for i, row in enumerate(ds)
         ]
 

@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable
 
+from reasonrl.rewards.drqa import concise_correct
 from reasonrl.rewards.math import accuracy_reward, closeness_reward, format_reward
 
 __all__ = ["REWARD_REGISTRY", "resolve_reward", "score_batch"]
@@ -16,6 +17,7 @@ logger = logging.getLogger("reasonrl.rewards")
 REWARD_REGISTRY: dict[str, Callable] = {
     "accuracy": accuracy_reward,
     "closeness": closeness_reward,
+    "drqa_concise": concise_correct,
     "format": format_reward,
 }
 

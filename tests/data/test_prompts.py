@@ -75,3 +75,17 @@ def test_parquet_rows_and_malformed_row(tmp_path, monkeypatch):
     Dataset.from_dict({"question": ["1 + 1", None], "answer": ["#### 2", "#### 3"]}).to_parquet(str(bad))
     with pytest.raises(DataError, match=r"bad.parquet:row 1"):
         load_jsonl_rows(bad)
+
+
+def test_extra_columns_are_kept_and_required(tmp_path):
+    from reasonrl.data.prompts import DataError, load_jsonl_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "q1", "answer": "1", "ref_length": 12, "big": [1, 2]}\n'
+                    '{"question": "q2", "answer": "2", "ref_length": null, "big": []}\n')
+    rows = load_jsonl_rows(path, answer_mode="raw", extra_columns=("ref_length",))
+    assert rows == [{"ref_length": 12, "question": "q1", "answer": "1"},
+                    {"ref_length": None, "question": "q2", "answer": "2"}]
+    assert load_jsonl_rows(path, answer_mode="raw")[0] == {"question": "q1", "answer": "1"}
+    with pytest.raises(DataError, match="missing key 'score'"):
+        load_jsonl_rows(path, answer_mode="raw", extra_columns=("score",))
