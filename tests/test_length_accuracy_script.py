@@ -1,0 +1,33 @@
+"""scripts/length_accuracy.py end to end on the tiny model: budgets + efforts -> JSON rows and a PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "length_accuracy.py"
+
+
+def test_length_accuracy_script(tiny_model_dir, tmp_path):
+    png = tmp_path / "x.png"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", f"tiny={tiny_model_dir}", "--n", "4", "--budgets", "4,8",
+         "--efforts", "0.5,1.0", "--batch-size", "4", "--json", "--png", str(png)],
+        check=False, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "| model | setting | accuracy | mean length |" in lines
+    result = json.loads(lines[-1])
+    rows = result["rows"]
+    assert [r["setting"] for r in rows] == ["budget 4", "budget 8", "effort 0.5", "effort 1"]
+    assert [r["max_new_tokens"] for r in rows] == [4, 8, 8, 8]
+    assert [r["effort"] for r in rows] == [None, None, 0.5, 1.0]
+    for r in rows:
+        assert r["model"] == "tiny" and r["n"] == 4
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert 0.0 <= r["mean_length"] <= r["max_new_tokens"]
+    assert result["png"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
