@@ -12,7 +12,9 @@ Answering several questions in one prompt ("batch mode") makes models compress t
       Answer 2: <number>
       ...
 
-- `split_batch_answer`: per question, the reasoning segment and the parsed final answer.
+- `split_batch_answer`: per question, the reasoning segment and the parsed final answer; when the model wrote no
+  "Answer k:" line at all, its numbered list items ("1. 12 + 35 = 47") instead (`split_numbered_items`: small models
+  such as SmolLM2-135M answer batch prompts that way).
 - `preference_pairs`: chosen/rejected pairs under correct & shorter > correct & longer > incorrect.
 - `preferred_reference_length`: the length of the shortest correct candidate, the RL recipe's l_ref.
 
@@ -40,6 +42,7 @@ __all__ = [
     "preference_pairs",
     "preferred_reference_length",
     "split_batch_answer",
+    "split_numbered_items",
     "summarize",
     "text_length",
 ]
@@ -50,6 +53,8 @@ SOURCES = ("batch", "single")
 _ANSWER_LINE_RE = re.compile(
     r"^[ \t>*_#-]*(?:final[ \t]+)?answer[ \t]+(\d+)[ \t]*[*_]*[ \t]*:[*_]*[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE
 )
+# Fallback for models that number their answers as a list instead ("1. 12 + 35 = 47", "Question 2: ...", "3) ...").
+_ITEM_LINE_RE = re.compile(r"^[ \t>*_#-]*(?:question[ \t]+)?(\d+)[ \t]*(?:[.)][ \t]|:)", re.IGNORECASE | re.MULTILINE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -95,7 +100,10 @@ def split_batch_answer(text: str, n: int) -> list[dict]:
     Answer lines are taken in text order; each one closes the segment that began after the previous answer line
     (of any number). Question k gets the segment before its first "Answer k:" line and that line's number.
     Missing line: text "" and answer None; line without a number: its segment and answer None. Numbers outside
-    1..n and repeated lines only act as segment boundaries. Never raises on model text.
+    1..n and repeated lines only act as segment boundaries.
+
+    When the text has no "Answer k:" line for any k in 1..n, numbered list items are read instead (small models
+    often answer "1. 12 + 35 = 47" / "Question 2: ..."): `split_numbered_items`. Never raises on model text.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -110,7 +118,38 @@ def split_batch_answer(text: str, n: int) -> list[dict]:
             parts[k]["text"] = text[start : match.start()].strip()
             parts[k]["answer"] = _parse_answer_value(match.group(2))
         start = match.end()
+    if not seen:
+        return split_numbered_items(text, n)
     return [parts[k] for k in range(1, n + 1)]
+
+
+def split_numbered_items(text: str, n: int) -> list[dict]:
+    """The fallback of `split_batch_answer`: item k is the text from the first line numbered k ("k." / "k)" /
+    "k:" / "Question k:") up to the next numbered line of any number, without the marker; its answer is the number
+    after the item's last '=' (else its last number; a \\boxed{} value wins). Missing item: text "", answer None."""
+    text = text if isinstance(text, str) else ""
+    parts = {k: {"index": k, "text": "", "answer": None} for k in range(1, n + 1)}
+    markers = list(_ITEM_LINE_RE.finditer(text))
+    seen: set[int] = set()
+    for i, match in enumerate(markers):
+        k = int(match.group(1))
+        if not 1 <= k <= n or k in seen:
+            continue
+        seen.add(k)
+        end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
+        segment = text[match.end() : end].strip()
+        parts[k]["text"] = segment
+        parts[k]["answer"] = _item_value(segment)
+    return [parts[k] for k in range(1, n + 1)]
+
+
+def _item_value(segment: str) -> str | None:
+    """A list item's answer: the \\boxed{} value, else the first number after the last '=', else the last number."""
+    cleaned = segment.replace("$", "").replace("*", "")
+    if _BOXED_RE.search(cleaned) or "=" in cleaned:
+        return _parse_answer_value(cleaned)
+    numbers = _NUMBER_RE.findall(cleaned)
+    return (normalize_answer(numbers[-1]) or None) if numbers else None
 
 
 def batch_chain(segment: str, answer: str | None) -> str:

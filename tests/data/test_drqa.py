@@ -77,6 +77,26 @@ def test_split_batch_answer_without_answer_lines_gives_none(text):
                                            {"index": 2, "text": "", "answer": None}]
 
 
+def test_split_batch_answer_falls_back_to_numbered_items():
+    # SmolLM2-135M's actual batch style: a numbered list, no "Answer k:" lines
+    text = "1. 12 + 35 = 47 - 19 = 24\n2) 47 - 19 = 28\nQuestion 3: 8 * 6 is 48\n3.5 is not a marker\n\n1. repeat"
+    assert split_batch_answer(text, 3) == [
+        {"index": 1, "text": "12 + 35 = 47 - 19 = 24", "answer": "24"},  # the number after the last '='
+        {"index": 2, "text": "47 - 19 = 28", "answer": "28"},
+        {"index": 3, "text": "8 * 6 is 48\n3.5 is not a marker", "answer": "3.5"},  # no '=': the last number
+    ]
+    assert split_batch_answer("1. 5 + 5 = \\boxed{10} = ten\n", 2) == [
+        {"index": 1, "text": "5 + 5 = \\boxed{10} = ten", "answer": "10"},
+        {"index": 2, "text": "", "answer": None},
+    ]
+
+
+def test_split_batch_answer_prefers_answer_lines_over_numbered_items():
+    text = "1. first 2 + 2\nAnswer 1: 4\n2. then 3 + 3\nAnswer 2: 6"
+    assert [p["answer"] for p in split_batch_answer(text, 2)] == ["4", "6"]
+    assert split_batch_answer(text, 2)[1]["text"] == "2. then 3 + 3"
+
+
 def test_split_batch_answer_boxed_and_negative_values():
     parts = split_batch_answer("a\nAnswer 1: \\boxed{-10}\nb\nanswer 2 : -0.5 (rounded)", 2)
     assert [p["answer"] for p in parts] == ["-10", "-0.5"]
