@@ -16,7 +16,7 @@ from reasonrl.rl.d3s import (
     tokens_at_or_above,
 )
 from reasonrl.rl.hapo import EntropyStats, entropy_stats, normalized_log_entropy, temperature_from_entropy
-from reasonrl.rl.shaping import overlong_penalty, truncated_mask
+from reasonrl.rl.shaping import truncated_mask
 
 
 def gather_valid_values(acc, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -29,14 +29,6 @@ def gather_valid_values(acc, values: torch.Tensor, mask: torch.Tensor) -> torch.
     padded = acc.pad_across_processes(local, dim=0, pad_index=-1.0)
     every = acc.gather(padded)
     return every[every >= 0]
-
-
-def shape_rewards(rewards: torch.Tensor, lengths: torch.Tensor, *, overlong, max_new_tokens: int) -> tuple:
-    """DAPO soft overlong punishment added to the reward; returns (rewards, mean penalty)."""
-    if not overlong.penalty:
-        return rewards, 0.0
-    penalty = overlong_penalty(lengths, max_len=max_new_tokens, buffer=overlong.buffer, factor=overlong.factor)
-    return rewards + penalty.to(rewards.dtype), float(penalty.mean())
 
 
 def loss_mask_for(batch, valid: torch.Tensor, *, mask_truncated: bool) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 
 from reasonrl.batch import RolloutBatch
-from reasonrl.config import D3SConfig, DynamicSamplingConfig, OverlongConfig
+from reasonrl.config import D3SConfig, DynamicSamplingConfig
 from reasonrl.rl.d3s import select_tokens
 from reasonrl.trainers.collect import Scored, dynamic_sampling
 from reasonrl.trainers.prepare import (
@@ -13,7 +13,6 @@ from reasonrl.trainers.prepare import (
     d3s_token_mask,
     gather_valid_values,
     loss_mask_for,
-    shape_rewards,
 )
 
 G = 2
@@ -63,16 +62,7 @@ def test_dynamic_sampling_filters_on_a_named_reward():
     assert [row["question"] for row in out.rows] == ["q0"]
 
 
-def test_overlong_shaping_and_loss_masks():
-    rewards = torch.tensor([1.0, 1.0, 0.0])
-    lengths = torch.tensor([4.0, 9.0, 10.0])
-    # max 10, buffer 4: no penalty up to 6, then (6 - L) / 4: L=9 -> -0.75, L=10 -> -1
-    shaped, mean_penalty = shape_rewards(rewards, lengths, overlong=OverlongConfig(penalty=True, buffer=4),
-                                         max_new_tokens=10)
-    torch.testing.assert_close(shaped, torch.tensor([1.0, 0.25, -1.0]))
-    assert mean_penalty == pytest.approx(-1.75 / 3)
-    unchanged, _ = shape_rewards(rewards, lengths, overlong=OverlongConfig(), max_new_tokens=10)
-    assert torch.equal(unchanged, rewards)
+def test_loss_masks():
     batch = fake_round([[1, 0], [0, 1]])
     batch.batch.finish_reasons = ["stop", "length", "stop", "stop"]
     valid = torch.tensor([True, True, False, True])
