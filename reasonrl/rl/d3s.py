@@ -8,9 +8,10 @@ applies the returned masks and normalizes the token-mean loss by the number of *
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
+
+from reasonrl.rl.checks import as_int
 
 SAMPLE_SCOPES = ("intra", "cross")
 TOKEN_SCOPES = ("batch", "sequence")
@@ -19,19 +20,6 @@ SCHEDULE_SHAPES = ("linear", "cosine", "step")
 # Candidates whose k^2 * variance is within this fraction of k * sum(x^2) of the best are treated as tied
 # (float64 rounding of the prefix sums is ~1e-16 of that scale, so mathematically equal candidates always tie).
 _TIE_RTOL = 1e-10
-
-
-def _as_int(value, name: str, low: int, high: int | None = None) -> int:
-    """operator.index(value) (ints, numpy/0-d integer tensors; not bool or float) within [low, high]."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if v < low or (high is not None and v > high):
-        raise ValueError(f"{name} must be in [{low}, {'inf' if high is None else high}], got {v}")
-    return v
 
 
 def _check_fraction(keep_fraction: float, name: str = "keep_fraction") -> float:
@@ -85,7 +73,7 @@ def max_variance_subset(values: torch.Tensor, k: int) -> torch.Tensor:
     if values.dim() != 1:
         raise ValueError(f"values must be 1-D [n], got shape {tuple(values.shape)}")
     n = values.numel()
-    k = _as_int(k, "k", 0, n)
+    k = as_int(k, "k", 0, n)
     v = values.detach().to(torch.float64)
     if torch.isnan(v).any():
         raise ValueError("values contain NaN")
@@ -120,8 +108,8 @@ def select_rollouts(
     rho = _check_fraction(keep_fraction)
     if advantages.dim() != 1:
         raise ValueError(f"advantages must be 1-D [N], got shape {tuple(advantages.shape)}")
-    group_size = _as_int(group_size, "group_size", 1)
-    min_keep = _as_int(min_keep, "min_keep", 1)
+    group_size = as_int(group_size, "group_size", 1)
+    min_keep = as_int(min_keep, "min_keep", 1)
     n = advantages.numel()
     if n % group_size != 0:
         raise ValueError(f"number of advantages ({n}) is not divisible by group_size ({group_size})")
@@ -239,7 +227,7 @@ def keep_fraction_at(
         raise ValueError(f"unknown shape {shape!r}; expected one of {SCHEDULE_SHAPES}")
     start_f = _check_fraction(start, "start")
     end_f = _check_fraction(end, "end")
-    total_steps = _as_int(total_steps, "total_steps", 1)
+    total_steps = as_int(total_steps, "total_steps", 1)
     if not (step >= 0):
         raise ValueError(f"step must be >= 0, got {step}")
     if not (0.0 <= ramp_fraction <= 1.0):

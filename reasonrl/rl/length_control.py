@@ -12,10 +12,11 @@ object the trainer owns and checkpoints. Float outputs are float64 when a float6
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
+
+from reasonrl.rl.checks import as_int
 
 BUDGET_VARIANTS = ("ratio_pow", "literal")
 LENGTH_REWARD_SHAPES = ("rise_fall", "peak")
@@ -46,18 +47,6 @@ def _in_range(value, name: str, low: float, high: float, *, low_open: bool = Fal
     if too_low or too_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value}")
-    return v
-
-
-def _positive_int(value, name: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
     return v
 
 
@@ -117,7 +106,7 @@ def _bool_rows(x: Numeric | None, name: str, like: torch.Tensor) -> torch.Tensor
 
 
 def _num_groups(n: int, group_size) -> int:
-    g = _positive_int(group_size, "group_size")
+    g = as_int(group_size, "group_size", 1)
     if n % g != 0:
         raise ValueError(f"number of rows ({n}) is not divisible by group_size ({g})")
     return n // g
