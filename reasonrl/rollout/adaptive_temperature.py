@@ -29,6 +29,7 @@ scaling here (before it there); multiplicative repetition penalty commutes with 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -185,9 +186,7 @@ def _parse_request(params) -> tuple | None:
     return stats, float(tau), float(base_temperature), sign_mode, float(params.temperature)
 
 
-_VLLM_CLASS = None
-
-
+@functools.cache
 def vllm_logits_processor_class() -> type:
     """The vLLM v1 logits processor class (built on first use so that this module imports without vllm).
 
@@ -195,10 +194,7 @@ def vllm_logits_processor_class() -> type:
     "reasonrl.rollout.adaptive_temperature:VLLMAdaptiveTemperatureLogitsProcessor" (also works across processes).
     Switch it on per request with `SamplingParams(extra_args=vllm_extra_args(stats, tau=...))`.
     """
-    global _VLLM_CLASS
-    if _VLLM_CLASS is None:
-        _VLLM_CLASS = _build_vllm_class()
-    return _VLLM_CLASS
+    return _build_vllm_class()
 
 
 def __getattr__(name: str):  # lazy module attribute, so the FQCN above resolves

@@ -19,6 +19,7 @@ alone); `VLLMEngine(cyclic_reflex=CyclicReflexSettings(...))` adds the entry to 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,9 +139,7 @@ def request_settings(params) -> CyclicReflexSettings | None:
 
 # ----------------------------------------------------------------------------------------------- vLLM v1 class
 
-_VLLM_CLASS = None
-
-
+@functools.cache
 def vllm_logits_processor_class() -> type:
     """The vLLM v1 logits processor class (built on first use so that this module imports without vllm).
 
@@ -148,10 +147,7 @@ def vllm_logits_processor_class() -> type:
     "reasonrl.rollout.cyclic_reflex_vllm:VLLMCyclicReflexLogitsProcessor". Switch it on per request with
     `SamplingParams(extra_args=settings.to_extra_args())`.
     """
-    global _VLLM_CLASS
-    if _VLLM_CLASS is None:
-        _VLLM_CLASS = _build_vllm_class()
-    return _VLLM_CLASS
+    return _build_vllm_class()
 
 
 def __getattr__(name: str):  # lazy module attribute, so the name above resolves
