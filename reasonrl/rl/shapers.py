@@ -9,7 +9,10 @@ generation: the RMT budget shaper sets each prompt's `max_new_tokens`, the effor
   B_0(x) the running (EMA) length of x's correct completions (before any: `initial`); the triangular length reward
   r_len(l; B_t) is added to correct answers (weight) or multiplies the reward; generation stops at margin * B_t.
 - `effort`: e1 adaptive effort control (algorithms.md 5): the reward is paid only when the completion length
-  l <= r * T(x), r the prompt's effort, T(x) its mean completion length (this group's, or the running EMA).
+  l <= r * T(x), r the prompt's effort, T(x) its mean completion length: this group's (`mean: group`), the prompt's
+  running EMA (`ema`), or the running EMA of the prompt's full-effort groups only (`full_effort`, falling back to
+  that of all prompts), so that lower efforts are fractions of the unconstrained length rather than of a mean that
+  the low-effort groups themselves pull down.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from reasonrl.rl.length_control import (
 from reasonrl.rl.shaping import overlong_penalty
 
 SHAPERS = ("overlong", "rmt_budget", "effort")
+EFFORT_MEANS = ("group", "ema", "full_effort")
+FULL_EFFORT_KEY = "\x00full-effort"  # the tracker's entry for the mean over every prompt's full-effort groups
 
 
 @dataclass
@@ -117,8 +122,8 @@ class EffortShaper:
     def __init__(self, levels: list[float] | tuple[float, ...] = EFFORT_LEVELS, band: float = 0.0,
                  mean: str = "group", decay: float = 0.9, seed: int = 0):
         self.levels = [check_effort(level) for level in levels]
-        if mean not in ("group", "ema"):
-            raise ValueError(f"effort mean must be 'group' or 'ema', got {mean!r}")
+        if mean not in EFFORT_MEANS:
+            raise ValueError(f"effort mean must be one of {EFFORT_MEANS}, got {mean!r}")
         self.band, self.mean, self.seed = band, mean, seed
         self.tracker = PromptLengthTracker(decay=decay)
 
@@ -133,18 +138,34 @@ class EffortShaper:
         cap = float(ctx.max_new_tokens)
         group_mean = group_mean_length(ctx.lengths.double(), g, truncated=ctx.truncated, cap=cap)
         keys = [ctx.prompt_keys[i * g] for i in range(len(group_mean))]
-        if self.mean == "ema":  # the running mean before this step's samples (first visit: this group's mean)
-            reference = torch.tensor([self.tracker.get(key, float(m)) for key, m in zip(keys, group_mean)],
-                                     dtype=torch.float64)
-        else:
+        means = [float(m) for m in group_mean]
+        if self.mean == "group":
             reference = group_mean
-        self.tracker.update(*ctx.gather(keys, [float(m) for m in group_mean]))
+        else:  # running means from before this step's samples
+            reference = torch.tensor(self._running_reference(keys, means), dtype=torch.float64)
+        self._update(keys, means, ctx.efforts.view(-1, g)[:, 0].tolist(), ctx.gather)
         per_row = reference.repeat_interleave(g)
         gate = effort_reward(torch.ones_like(per_row), ctx.lengths.double(), ctx.efforts.double(), per_row,
                              band=self.band, truncated=ctx.truncated)
         shaped = ctx.rewards * gate.to(ctx.rewards.dtype)
         return shaped, {"effort/within_frac": float(gate.mean()), "effort/mean_length": float(per_row.mean()),
                         "effort/mean": float(ctx.efforts.mean())}
+
+    def _running_reference(self, keys: list[str], group_means: list[float]) -> list[float]:
+        """ema: the prompt's EMA, first visit: this group's mean. full_effort: the prompt's EMA over its full-effort
+        groups, else the EMA over every prompt's full-effort groups, else this group's mean."""
+        if self.mean == "ema":
+            return [self.tracker.get(key, m) for key, m in zip(keys, group_means)]
+        overall = self.tracker.get(FULL_EFFORT_KEY)
+        return [self.tracker.get(key, m if overall is None else overall) for key, m in zip(keys, group_means)]
+
+    def _update(self, keys: list[str], group_means: list[float], group_efforts: list[float], gather) -> None:
+        if self.mean == "full_effort":  # only unconstrained (top-effort) lengths define the target
+            top = max(self.levels)
+            full = [(key, m) for key, m, r in zip(keys, group_means, group_efforts) if r == top]
+            keys = [key for key, _ in full] + [FULL_EFFORT_KEY] * len(full)
+            group_means = [m for _, m in full] * 2
+        self.tracker.update(*gather(keys, group_means))
 
     def state_dict(self) -> dict:
         return self.tracker.state_dict()

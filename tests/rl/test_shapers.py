@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from reasonrl.rl.shapers import BudgetShaper, EffortShaper, OverlongShaper, ShapingContext, apply_shapers, build_shaper
+from reasonrl.rl.shapers import (
+    FULL_EFFORT_KEY,
+    BudgetShaper,
+    EffortShaper,
+    OverlongShaper,
+    ShapingContext,
+    apply_shapers,
+    build_shaper,
+)
 from reasonrl.rl.shaping import overlong_penalty
 
 
@@ -53,6 +61,30 @@ def test_effort_shaper_pays_only_within_effort_times_the_mean_length():
     # a: 10 <= 15 pays, 20 > 15 (reward 0 anyway); b: 30 > 0.5 * 30 = 15 -> 0; truncated -> 0
     assert shaped.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert metrics["effort/within_frac"] == pytest.approx(0.25)
+
+
+def test_effort_full_effort_mean_follows_only_top_effort_groups():
+    shaper = EffortShaper(levels=[0.5, 1.0], mean="full_effort", decay=0.5)
+    # step 0, nothing seen: each group is measured against its own mean. a (effort 1): mean 15 -> 10 pays, 20 not;
+    # b (effort 0.5): mean 35 -> limit 17.5, neither pays. Only a (effort 1) updates the statistics: a = 15, all = 15
+    first = context(lengths=torch.tensor([10.0, 20.0, 30.0, 40.0]), efforts=torch.tensor([1.0, 1.0, 0.5, 0.5]),
+                    rewards=torch.ones(4), truncated=torch.zeros(4, dtype=torch.bool))
+    shaped, _ = shaper(first)
+    assert shaped.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert shaper.tracker.get("a") == 15.0 and shaper.tracker.get("b") is None
+    # step 1: a (effort 0.5) against its own full-effort mean 15 -> limit 7.5: 6 pays, 8 not; new prompt c (effort
+    # 0.5) against the mean over all full-effort groups, 15 -> 5 pays, 10 not. Nothing at effort 1: no update
+    second = context(lengths=torch.tensor([6.0, 8.0, 5.0, 10.0]), efforts=torch.tensor([0.5, 0.5, 0.5, 0.5]),
+                     rewards=torch.ones(4), truncated=torch.zeros(4, dtype=torch.bool), prompt_keys=["a", "a", "c", "c"])
+    shaped, metrics = shaper(second)
+    assert shaped.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert metrics["effort/mean_length"] == 15.0 and shaper.tracker.get("a") == 15.0
+    # step 2: c at effort 1 (lengths 4, 8: mean 6) updates c = 6 and the overall EMA: 0.5 * 15 + 0.5 * 6 = 10.5
+    third = context(lengths=torch.tensor([4.0, 8.0, 4.0, 8.0]), efforts=torch.tensor([1.0, 1.0, 1.0, 1.0]),
+                    rewards=torch.ones(4), truncated=torch.zeros(4, dtype=torch.bool), prompt_keys=["c", "c", "d", "d"])
+    shaper(third)
+    assert shaper.tracker.get("c") == 6.0 and shaper.tracker.get("d") == 6.0
+    assert shaper.tracker.get(FULL_EFFORT_KEY) == pytest.approx(0.5 * (0.5 * 15 + 0.5 * 6) + 0.5 * 6)
 
 
 def test_effort_draws_are_reproducible_and_from_the_levels():
