@@ -123,8 +123,11 @@ def test_varlen_runs_each_sequence_on_its_own():
 
 
 def test_dispatch_to_triton_equals_the_reference():
-    """impl=triton through the dispatcher (on CPU the kernels run under the Triton interpreter)."""
-    q, k, v = qkv(b=1, n=40, dtype=torch.float32)
+    """impl=triton through the dispatcher (compiled on a GPU; on CPU the kernels run under the Triton interpreter)."""
+    from reasonrl.kernels.triton_sparse import INTERPRET
+
+    device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+    q, k, v = (t.detach().to(device).requires_grad_() for t in qkv(b=1, n=40, dtype=torch.float32))
     config = PatternConfig(block_size=16, last_q=4, vertical_size=5, slash_size=6, sink=1, local_window=3)
     ours = sparse_attention(q, k, v, SparseAttentionConfig(impl="triton", dense_below=0, pattern=config))
     pattern = estimate_pattern(q.detach(), k.detach(), config)

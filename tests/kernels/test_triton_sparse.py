@@ -1,8 +1,10 @@
-"""Triton sparse attention kernels (run by Triton's CPU interpreter here) against the PyTorch reference.
+"""Triton sparse attention kernels against the PyTorch reference: compiled on a CUDA device when there is one,
+run by Triton's CPU interpreter otherwise (the tensors live on `DEVICE`).
 
 Forward out and lse, and gradients in q, k, v (through out and lse), for estimated (top-k, mass), dense, bar-free and
 bar-heavy patterns, head dims 16 and 32, GQA, sequence lengths that are not a multiple of the tile size, fp32 and
-bf16/fp16. The references run in float64 on the same input values.
+bf16/fp16. The references run in float64 on the same input values, on the same device. Random values are drawn
+on the CPU and moved to `DEVICE`, so every device sees the same inputs.
 """
 
 import os
@@ -26,7 +28,10 @@ from reasonrl.kernels.pattern import (
     pattern_mask,
 )
 from reasonrl.kernels.reference import masked_attention, reference_sparse_attention
-from reasonrl.kernels.triton_sparse import triton_sparse_attention
+from reasonrl.kernels.triton_sparse import INTERPRET, triton_sparse_attention
+
+# compiled kernels need CUDA tensors; the interpreter (no CUDA, or TRITON_INTERPRET=1) runs on CPU tensors
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 
 PATTERN_KINDS = ["topk", "mass", "dense", "no_vertical", "bars"]
 TIGHT = {"atol": 1e-4, "rtol": 1e-4}
@@ -35,7 +40,7 @@ LOOSE = {torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}, torch.float16: {"atol": 5
 
 def qkv(b=1, h=4, hk=2, n=77, d=16, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return [torch.randn(b, heads, n, d).to(dtype).requires_grad_() for heads in (h, hk, hk)]
+    return [torch.randn(b, heads, n, d).to(dtype).to(DEVICE).requires_grad_() for heads in (h, hk, hk)]
 
 
 def make_pattern(kind: str, q, k, block_size: int = 16, seed: int = 1) -> SparsePattern:
@@ -49,7 +54,7 @@ def make_pattern(kind: str, q, k, block_size: int = 16, seed: int = 1) -> Sparse
     if kind == "mass":  # random inputs give flat scores: a low mass keeps the pattern from being all-dense
         return estimate_pattern(q, k, PatternConfig(mode="mass", mass=0.15, **small))
     if kind == "dense":
-        return dense_pattern(b, h, n, block_size)
+        return dense_pattern(b, h, n, block_size, device=DEVICE)
     generator = torch.Generator().manual_seed(seed)
     blocks = num_blocks(n, block_size)
     if kind == "no_vertical":
@@ -61,15 +66,15 @@ def make_pattern(kind: str, q, k, block_size: int = 16, seed: int = 1) -> Sparse
     else:
         raise ValueError(kind)
     slash[..., 0] = True
-    return SparsePattern(vertical, slash, block_size)
+    return SparsePattern(vertical.to(DEVICE), slash.to(DEVICE), block_size)
 
 
 def outputs_and_grads(fn, tensors, seed=123):
     """(out, lse, dq, dk, dv) of `fn(*tensors) -> (out, lse)` with random weights on out and lse in the loss."""
     out, lse = fn(*tensors)
     torch.manual_seed(seed)
-    loss = (out.double() * torch.randn(out.shape, dtype=torch.float64)).sum()
-    loss = loss + (lse.double() * torch.randn(lse.shape, dtype=torch.float64)).sum()
+    loss = (out.double() * torch.randn(out.shape, dtype=torch.float64).to(out.device)).sum()
+    loss = loss + (lse.double() * torch.randn(lse.shape, dtype=torch.float64).to(lse.device)).sum()
     return (out, lse, *torch.autograd.grad(loss, tensors))
 
 
@@ -141,13 +146,14 @@ def test_tiles_wider_than_block_n_and_custom_scale():
 
 def test_dense_pattern_equals_sdpa_causal():
     q, k, v = qkv(b=2, h=4, hk=2, n=45, d=32)
-    layout = build_block_layout(dense_pattern(2, 4, 45, 16))
+    layout = build_block_layout(dense_pattern(2, 4, 45, 16, device=DEVICE))
 
     def sdpa(q, k, v):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return out, torch.zeros(out.shape[:3], dtype=out.dtype)  # lse: weight 0 in the loss's random sum
+        return out, torch.zeros(out.shape[:3], dtype=out.dtype, device=out.device)  # lse: weight 0 in the loss's random sum
 
-    ours = outputs_and_grads(lambda *t: (triton_sparse_attention(*t, layout), torch.zeros(q.shape[:3])), (q, k, v))
+    no_lse = torch.zeros(q.shape[:3], device=DEVICE)
+    ours = outputs_and_grads(lambda *t: (triton_sparse_attention(*t, layout), no_lse), (q, k, v))
     expected = outputs_and_grads(sdpa, float64_leaves((q, k, v)))
     for a, b in zip(ours[2:] + ours[:1], expected[2:] + expected[:1], strict=True):
         torch.testing.assert_close(a.double(), b, **TIGHT)
@@ -155,9 +161,9 @@ def test_dense_pattern_equals_sdpa_causal():
 
 def test_non_contiguous_inputs_and_no_grad():
     torch.manual_seed(0)
-    q = torch.randn(1, 40, 2, 16).transpose(1, 2)  # [B, H, N, D] view of a [B, N, H, D] tensor
-    k = torch.randn(1, 40, 1, 16).transpose(1, 2)
-    v = torch.randn(1, 40, 1, 16).transpose(1, 2)
+    q = torch.randn(1, 40, 2, 16).to(DEVICE).transpose(1, 2)  # [B, H, N, D] view of a [B, N, H, D] tensor
+    k = torch.randn(1, 40, 1, 16).to(DEVICE).transpose(1, 2)
+    v = torch.randn(1, 40, 1, 16).to(DEVICE).transpose(1, 2)
     pattern = make_pattern("topk", q, k)
     with torch.no_grad():
         out = triton_sparse_attention(q, k, v, build_block_layout(pattern))
@@ -179,21 +185,24 @@ def test_gradient_through_lse_alone():
 
 def test_invalid_inputs_raise_clear_errors():
     q, k, v = (t.detach() for t in qkv(h=2, hk=1, n=20, d=16))
-    layout = build_block_layout(dense_pattern(1, 2, 20, 16))
+    layout = build_block_layout(dense_pattern(1, 2, 20, 16, device=DEVICE))
     for d in (8, 24):
-        bad = [torch.randn(1, heads, 20, d) for heads in (2, 1, 1)]
+        bad = [torch.randn(1, heads, 20, d, device=DEVICE) for heads in (2, 1, 1)]
         with pytest.raises(ValueError, match="power of two >= 16"):
             triton_sparse_attention(*bad, layout)
     with pytest.raises(ValueError, match="block_size"):
-        triton_sparse_attention(q, k, v, build_block_layout(dense_pattern(1, 2, 20, 8)))
+        triton_sparse_attention(q, k, v, build_block_layout(dense_pattern(1, 2, 20, 8, device=DEVICE)))
     with pytest.raises(ValueError, match="does not match"):
-        triton_sparse_attention(q, k, v, build_block_layout(dense_pattern(1, 2, 21, 16)))
+        triton_sparse_attention(q, k, v, build_block_layout(dense_pattern(1, 2, 21, 16, device=DEVICE)))
     with pytest.raises(ValueError, match="dtype"):
         triton_sparse_attention(q, k.double(), v, layout)
     with pytest.raises(ValueError, match="multiple"):
-        triton_sparse_attention(q, torch.randn(1, 3, 20, 16), torch.randn(1, 3, 20, 16), layout)
+        triton_sparse_attention(q, *torch.randn(2, 1, 3, 20, 16, device=DEVICE), layout)
     with pytest.raises(ValueError, match="block_n"):
         triton_sparse_attention(q, k, v, layout, block_n=32)
+    if DEVICE.type == "cuda":  # the compiled kernels refuse CPU tensors
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            triton_sparse_attention(q.cpu(), k.cpu(), v.cpu(), layout)
 
 
 IMPORT_ORDER_SCRIPT = """
