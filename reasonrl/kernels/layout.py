@@ -5,12 +5,17 @@ For query block a (rows [a*G, (a+1)*G)):
   the diagonal tile, which needs the element-wise causal mask; the others are entirely visible);
 - `column_index[..., a, :column_count[..., a]]`: the vertical columns before a*G that no active tile holds, ascending.
   Every query of the block sees them (no mask needed), and no key is counted twice.
-Entries beyond the counts are padding (0) and must not be read.
+Entries beyond the counts are padding (0) and must not be read; the index tensors are only as wide as the largest
+count (at least 1).
+
+A backward pass that accumulates key gradients per key block needs the same tiles listed by key block: for key
+block c, the query blocks r whose tile (r, c) is active (`KeyMajorLayout`, from `BlockLayout.key_major()`, built
+once per layout on its device and cached). Bar columns are not in it: they stay listed by query block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,13 +23,30 @@ from reasonrl.kernels.pattern import SparsePattern
 
 
 @dataclass
+class KeyMajorLayout:
+    """The active tiles of a `BlockLayout` listed by key block: for key block c, `query_index[..., c,
+    :query_count[..., c]]` are the query blocks r >= c whose tile (r, c) is active, ascending (the first is r = c when
+    the diagonal tile is active, as in every built layout). A key block may have none. Padding 0 beyond the counts."""
+
+    query_count: torch.Tensor  # int32 [B, H, nkb]
+    query_index: torch.Tensor  # int32 [B, H, nkb, max_queries] (max_queries >= 1)
+
+
+@dataclass
 class BlockLayout:
     block_count: torch.Tensor  # int32 [B, H, nqb]
-    block_index: torch.Tensor  # int32 [B, H, nqb, nqb]
+    block_index: torch.Tensor  # int32 [B, H, nqb, max_blocks] (max_blocks >= 1)
     column_count: torch.Tensor  # int32 [B, H, nqb]
     column_index: torch.Tensor  # int32 [B, H, nqb, max_columns] (max_columns >= 1)
     block_size: int
     seq_len: int
+    _key_major: KeyMajorLayout | None = field(default=None, init=False, repr=False, compare=False)
+
+    def key_major(self) -> KeyMajorLayout:
+        """`transpose_layout(self)`, computed on first use and cached (a layout is not meant to be modified)."""
+        if self._key_major is None:
+            self._key_major = transpose_layout(self)
+        return self._key_major
 
 
 def active_tiles(pattern: SparsePattern) -> torch.Tensor:
@@ -36,12 +58,17 @@ def active_tiles(pattern: SparsePattern) -> torch.Tensor:
     return tiles & (distance >= 0)
 
 
-def _compact(values: torch.Tensor, keep: torch.Tensor, fill: int):
-    """Kept values first (ascending), then padding; returns (int32 values, int32 counts)."""
-    ordered = torch.where(keep, values, torch.full_like(values, fill)).sort(dim=-1).values
-    counts = keep.sum(dim=-1)
-    ordered = torch.where(torch.arange(values.shape[-1], device=values.device) < counts[..., None], ordered, 0)
-    return ordered.to(torch.int32), counts.to(torch.int32)
+def _compact(values: torch.Tensor, keep: torch.Tensor):
+    """The kept values of each row (last dim), in their order, then 0 padding, in int32 [..., max(max count, 1)];
+    and the int32 counts. A stable compaction (cumsum + scatter, no sort): kept values of ascending rows stay
+    ascending. Reads the largest count back to the host to size the result."""
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    slot = keep.cumsum(dim=-1, dtype=torch.int32) - 1
+    slot = torch.where(keep, slot, width).long()  # dropped values land in the extra column `width`, cut below
+    ordered = torch.zeros(*values.shape[:-1], width + 1, dtype=torch.int32, device=values.device)
+    ordered.scatter_(-1, slot, values.to(torch.int32))
+    return ordered[..., :width].contiguous(), counts
 
 
 def build_block_layout(pattern: SparsePattern) -> BlockLayout:
@@ -49,7 +76,7 @@ def build_block_layout(pattern: SparsePattern) -> BlockLayout:
     device = pattern.vertical.device
     tiles = active_tiles(pattern)
     block_ids = torch.arange(nb, device=device).expand_as(tiles)
-    block_index, block_count = _compact(block_ids, tiles, nb)
+    block_index, block_count = _compact(block_ids, tiles)
 
     # vertical columns per row, ascending, padded with the sentinel n
     columns = torch.arange(n, device=device).expand_as(pattern.vertical)
@@ -60,8 +87,26 @@ def build_block_layout(pattern: SparsePattern) -> BlockLayout:
     column_block = (candidates // g).clamp(max=nb - 1)
     in_tile = tiles.gather(-1, column_block)
     keep = (candidates < starts) & ~in_tile
-    column_index, column_count = _compact(candidates, keep, n)
+    column_index, column_count = _compact(candidates, keep)
     return BlockLayout(block_count, block_index, column_count, column_index, g, n)
+
+
+def tile_matrix(layout: BlockLayout) -> torch.Tensor:
+    """bool [B, H, nqb, nkb]: tile (a, b) is listed in `layout.block_index` (equals `active_tiles` of its pattern)."""
+    nb = layout.block_count.shape[-1]
+    slots = torch.arange(layout.block_index.shape[-1], device=layout.block_index.device)
+    listed = slots < layout.block_count[..., None]
+    columns = torch.where(listed, layout.block_index.long(), nb)  # padding goes to the extra column nb, cut below
+    tiles = torch.zeros(*layout.block_count.shape, nb + 1, dtype=torch.bool, device=columns.device)
+    return tiles.scatter_(-1, columns, True)[..., :nb]
+
+
+def transpose_layout(layout: BlockLayout) -> KeyMajorLayout:
+    """The layout's tiles listed by key block (see `KeyMajorLayout`); torch ops on the layout's device."""
+    by_key = tile_matrix(layout).transpose(-1, -2)  # [B, H, nkb, nqb]: by_key[..., c, r] = tile (r, c) active
+    query_ids = torch.arange(by_key.shape[-1], device=by_key.device).expand_as(by_key)
+    query_index, query_count = _compact(query_ids, by_key)
+    return KeyMajorLayout(query_count, query_index)
 
 
 def layout_mask(layout: BlockLayout) -> torch.Tensor:

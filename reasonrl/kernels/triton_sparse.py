@@ -1,9 +1,9 @@
 """Triton kernels of vertical-slash sparse attention, forward and backward, walking a `BlockLayout`.
 
-One program handles one query block (G = `layout.block_size` rows) of one (batch row, query head). Its kept keys are
-the active key tiles `block_index[:block_count]` (G keys each, visited BLOCK_N at a time; the last tile is the
-diagonal one, where the causal mask `col <= row` bites) and the bar columns `column_index[:column_count]` (gathered
-by index, BLOCK_N at a time). For a query row i with kept keys K_i and logits s_ij = scale * q_i . k_j:
+A query-major program handles one query block (G = `layout.block_size` rows) of one (batch row, query head). Its
+kept keys are the active key tiles `block_index[:block_count]` (G keys each, visited BLOCK_N at a time; the last tile
+is the diagonal one, where the causal mask `col <= row` bites) and the bar columns `column_index[:column_count]`
+(gathered by index, BLOCK_N at a time). For a query row i with kept keys K_i and logits s_ij = scale * q_i . k_j:
 
 forward (FlashAttention-2): lse_i = log sum_{j in K_i} exp(s_ij), p_ij = exp(s_ij - lse_i), o_i = sum_j p_ij v_j, in
     one pass over K_i with a running max m_i, a running sum l_i = sum_j exp(s_ij - m_i) and an unnormalised
@@ -15,10 +15,14 @@ backward: with dO the output gradient and dlse the lse gradient (0 when unused),
     delta_i = sum_d dO_id O_id - dlse_i, dp_ij = dO_i . v_j, ds_ij = p_ij (dp_ij - delta_i) (the softmax Jacobian;
     the dlse term adds p_ij dlse_i because d lse_i / d s_ij = p_ij), and
     dq_i = scale sum_j ds_ij k_j, dk_j = scale sum_i ds_ij q_i, dv_j = sum_i p_ij dO_i.
-    The backward program visits the same keys as the forward one: dq_i stays in registers; the dk/dv contributions
-    are atomically added to float32 buffers of the key/value head, so the sum over query blocks, over the query heads
-    of a GQA group and over bar columns shared by several blocks comes out of the same scatter-add. The atomic
-    adds make dk/dv bitwise non-deterministic on GPU (float addition order), as in most FlashAttention backwards.
+    As in FlashAttention-2, two kernels recompute p and ds, each accumulating its own gradients in registers:
+    - `_sparse_dkdv_kernel`, key-major: a program owns BLOCK_N keys of one key/value head and walks, for each query
+      head of its GQA group, the query blocks whose tile covers its key block (`layout.key_major()`), storing dk, dv
+      once. No atomics, deterministic.
+    - `_sparse_dq_kernel`, query-major: the forward's walk, dq stored once. A bar column is shared by many query
+      blocks, so the bars' dk/dv contributions are atomically added here (a few columns per query block) onto the
+      float32 dk/dv that the first kernel stored. Only that part depends on float addition order (GPU bitwise
+      non-determinism, as in most FlashAttention backwards).
 
 Without CUDA the kernels run in Triton's CPU interpreter (see `_jit`); that is slow and meant for tests.
 """
@@ -173,10 +177,11 @@ def _sparse_forward_kernel(Q, K, V, Out, Lse, BlockCount, BlockIndex, ColumnCoun
 
 
 @_jit
-def _backward_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok, cols, col_ok,
-                   scale, qk_scale, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Gradients through BLOCK_N keys `cols`: returns dq updated (unscaled), scatter-adds dk and dv."""
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok, cols, col_ok, scale, qk_scale,
+             SCATTER_DKDV: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Gradients through BLOCK_N keys `cols` of a query block: returns dq + dS K (unscaled). With SCATTER_DKDV (bar
+    columns) also atomically adds these keys' dk = scale dS^T Q and dv = P^T dO to the float32 dk/dv buffers."""
     key_ptrs = cols[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_base + key_ptrs, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
     v = tl.load(v_base + key_ptrs, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
@@ -184,23 +189,31 @@ def _backward_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, row
     visible = (cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None]
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    ds = ds.to(DTYPE).to(DOT_DTYPE)
-    p = p.to(DTYPE).to(DOT_DTYPE)
+    ds = (p * (dp - delta[:, None])).to(DTYPE).to(DOT_DTYPE)
     dq += tl.dot(ds, k, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
-    dv = tl.dot(tl.trans(p), do, input_precision=PRECISION)
-    tl.atomic_add(dk_base + key_ptrs, dk, mask=col_ok[:, None])
-    tl.atomic_add(dv_base + key_ptrs, dv, mask=col_ok[:, None])
+    if SCATTER_DKDV:
+        p = p.to(DTYPE).to(DOT_DTYPE)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
+        dv = tl.dot(tl.trans(p), do, input_precision=PRECISION)
+        # relaxed: plain accumulation, ordered against the other kernels by the launches themselves
+        tl.atomic_add(dk_base + key_ptrs, dk, mask=col_ok[:, None], sem="relaxed")
+        tl.atomic_add(dv_base + key_ptrs, dv, mask=col_ok[:, None], sem="relaxed")
     return dq
 
 
 @_jit
-def _sparse_backward_kernel(Q, K, V, DO, Lse, Delta, DQ, DK, DV, BlockCount, BlockIndex, ColumnCount, ColumnIndex,
-                            seq_len, num_heads, num_kv_heads, num_q_blocks, max_blocks, max_columns, scale, qk_scale,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (num_q_blocks, H, B). DQ [B, H, N, D] in q's dtype; DK, DV float32 [B, Hk, N, D], zero-initialised."""
+def _sparse_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DK, DV, BlockCount, BlockIndex, ColumnCount, ColumnIndex,
+                      seq_len, num_heads, num_kv_heads, num_q_blocks, max_blocks, max_columns, scale, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (num_q_blocks, H, B): dq of one query block (BLOCK_M = G rows) of one (batch row, query head), and the
+    bar columns' dk/dv.
+
+    Walks the forward's keys (active tiles, then bar columns), recomputing P from the saved lse, and stores dq
+    [B, H, N, D] (q's dtype) once. The bars' dk/dv contributions are atomically added to DK, DV (float32 [B, Hk, N,
+    D], already holding the tiles' part from `_sparse_dkdv_kernel`): a bar column is shared by many query blocks
+    and heads, but a query block has only a few.
+    """
     q_matrix, kv_matrix, layout_row = _program_offsets(seq_len, num_heads, num_kv_heads, num_q_blocks)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
@@ -212,23 +225,88 @@ def _sparse_backward_kernel(Q, K, V, DO, Lse, Delta, DQ, DK, DV, BlockCount, Blo
     dk_base, dv_base = DK + kv_matrix * HEAD_DIM, DV + kv_matrix * HEAD_DIM
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
 
+    # (a) active key tiles: dq only (their dk/dv come from the key-major kernel)
     for slot in range(tl.load(BlockCount + layout_row)):
         tile_start = tl.load(BlockIndex + layout_row * max_blocks + slot).to(tl.int64) * BLOCK_M
         for offset in tl.static_range(0, BLOCK_M, BLOCK_N):
             cols = tile_start + offset + tl.arange(0, BLOCK_N)
-            dq = _backward_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok,
-                                cols, cols < seq_len, scale, qk_scale, HEAD_DIM, DTYPE, DOT_DTYPE, PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok, cols,
+                          cols < seq_len, scale, qk_scale, False, HEAD_DIM, DTYPE, DOT_DTYPE, PRECISION)
+    # (b) bar columns: dq, and their dk/dv scattered
     num_columns = tl.load(ColumnCount + layout_row)
     for start in range(0, num_columns, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         col_ok = slots < num_columns
         cols = tl.load(ColumnIndex + layout_row * max_columns + slots, mask=col_ok, other=0).to(tl.int64)
-        dq = _backward_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok,
-                            cols, col_ok, scale, qk_scale, HEAD_DIM, DTYPE, DOT_DTYPE, PRECISION)
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, rows, row_ok, cols, col_ok,
+                      scale, qk_scale, True, HEAD_DIM, DTYPE, DOT_DTYPE, PRECISION)
 
     dims = tl.arange(0, HEAD_DIM)
     dq_ptrs = DQ + q_matrix * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DTYPE), mask=row_ok[:, None])
+
+
+@_jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rows, cols, col_ok, seq_len, qk_scale,
+               HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Folds the query rows `rows` (one query head) into the keys' dk (unscaled) and dv, transposed orientation:
+    S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dS^T = P^T (V dO^T - delta), dK += dS^T Q."""
+    row_ok = rows < seq_len
+    q = _load_rows(q_base, rows, row_ok, HEAD_DIM).to(DOT_DTYPE)
+    do = _load_rows(do_base, rows, row_ok, HEAD_DIM).to(DOT_DTYPE)
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    visible = (cols[:, None] <= rows[None, :]) & col_ok[:, None] & row_ok[None, :]
+    p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(DTYPE).to(DOT_DTYPE)
+    dv += tl.dot(p_t.to(DTYPE).to(DOT_DTYPE), do, input_precision=PRECISION)
+    dk += tl.dot(ds_t, q, input_precision=PRECISION)
+    return dk, dv
+
+
+@_jit
+def _sparse_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QueryCount, QueryIndex,
+                        seq_len, num_heads, num_kv_heads, num_k_blocks, max_queries, scale, qk_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (num_k_blocks * BLOCK_M // BLOCK_N, Hk, B): dk, dv of BLOCK_N keys (a slice of key block c, G = BLOCK_M
+    keys) of one (batch row, key/value head), through the active tiles only.
+
+    Loops over the query heads of the GQA group and, with the key-major layout of each head, over the query blocks
+    r whose tile (r, c) is active, STEP_M query rows at a time (the causal mask bites on the diagonal tile r = c);
+    dk, dv stay in float32 registers and are stored once into DK, DV (float32 [B, Hk, N, D]; zeros for keys no tile
+    reaches). No atomics: every key is owned by one program. The bar columns' part is added afterwards by
+    `_sparse_dq_kernel`.
+    """
+    key_slice, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_block = key_slice // (BLOCK_M // BLOCK_N)
+    cols = key_slice.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # G is a multiple of BLOCK_N
+    col_ok = cols < seq_len
+    kv_matrix = (batch * num_kv_heads + kv_head).to(tl.int64) * seq_len
+    k = _load_rows(K + kv_matrix * HEAD_DIM, cols, col_ok, HEAD_DIM).to(DOT_DTYPE)
+    v = _load_rows(V + kv_matrix * HEAD_DIM, cols, col_ok, HEAD_DIM).to(DOT_DTYPE)
+    dk = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
+
+    group = num_heads // num_kv_heads
+    for member in range(group):
+        head = (batch * num_heads + kv_head * group + member).to(tl.int64)
+        q_matrix = head * seq_len
+        layout_row = head * num_k_blocks + k_block
+        for slot in range(tl.load(QueryCount + layout_row)):
+            block_start = tl.load(QueryIndex + layout_row * max_queries + slot).to(tl.int64) * BLOCK_M
+            for offset in tl.static_range(0, BLOCK_M, STEP_M):
+                rows = block_start + offset + tl.arange(0, STEP_M)
+                dk, dv = _dkdv_step(dk, dv, k, v, Q + q_matrix * HEAD_DIM, DO + q_matrix * HEAD_DIM, Lse + q_matrix,
+                                    Delta + q_matrix, rows, cols, col_ok, seq_len, qk_scale,
+                                    HEAD_DIM, DTYPE, DOT_DTYPE, PRECISION)
+
+    dims = tl.arange(0, HEAD_DIM)
+    key_ptrs = kv_matrix * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(DK + key_ptrs, dk * scale, mask=col_ok[:, None])
+    tl.store(DV + key_ptrs, dv, mask=col_ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,10 +346,14 @@ def _check_inputs(q, k, v, layout: BlockLayout, block_n: int) -> None:
                          f"does not match q {tuple(q.shape)} with block_size {g}")
 
 
+def _int32_tensors(tensors, device) -> list[torch.Tensor]:
+    """Layout tensors as contiguous int32 on `device`."""
+    return [t.to(device=device, dtype=torch.int32).contiguous() for t in tensors]
+
+
 def _layout_tensors(layout: BlockLayout, device) -> list[torch.Tensor]:
     """block_count, block_index, column_count, column_index as contiguous int32 on `device`."""
-    tensors = (layout.block_count, layout.block_index, layout.column_count, layout.column_index)
-    return [t.to(device=device, dtype=torch.int32).contiguous() for t in tensors]
+    return _int32_tensors((layout.block_count, layout.block_index, layout.column_count, layout.column_index), device)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -291,14 +373,20 @@ def _numerics(dtype: torch.dtype) -> dict:
             "PRECISION": "ieee" if dtype == torch.float32 else None}
 
 
+# Launch settings per kernel (Triton's defaults for what is absent, e.g. num_stages), and the query rows per step of
+# the dk/dv kernel (None: block_n; a power of two >= 16 dividing block_size). Module-level so that a profile can try
+# others; they change speed and shared memory use, not results (beyond float summation order).
+LAUNCH = {"forward": {"num_warps": 4}, "dq": {"num_warps": 4}, "dkdv": {"num_warps": 4}}
+DKDV_QUERY_STEP: int | None = None
+
+
 def _launch_args(q, k, layout: BlockLayout, block_n: int):
-    """Grid, shape scalars (after the tensor arguments) and constexprs shared by the forward and backward kernels."""
+    """Grid, shape scalars (after the tensor arguments) and constexprs of the query-major (forward, dq) kernels."""
     b, h, n, d = q.shape
     num_q_blocks = layout.block_count.shape[-1]
     grid = (num_q_blocks, h, b)
     scalars = (n, h, k.shape[1], num_q_blocks, layout.block_index.shape[-1], layout.column_index.shape[-1])
-    constexprs = {"BLOCK_M": layout.block_size, "BLOCK_N": block_n, "HEAD_DIM": d, "num_warps": 4,
-                  **_numerics(q.dtype)}
+    constexprs = {"BLOCK_M": layout.block_size, "BLOCK_N": block_n, "HEAD_DIM": d, **_numerics(q.dtype)}
     return grid, scalars, constexprs
 
 
@@ -307,21 +395,33 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, block_n: int):
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     grid, scalars, constexprs = _launch_args(q, k, layout, block_n)
     _sparse_forward_kernel[grid](q, k, v, out, lse, *_layout_tensors(layout, q.device), *scalars,
-                                 scale * math.log2(math.e), **constexprs)
+                                 scale * math.log2(math.e), **constexprs, **LAUNCH["forward"])
     return out, lse
 
 
 def _backward(q, k, v, out, lse, grad_out, grad_lse, layout: BlockLayout, scale: float, block_n: int):
+    """dq, dk, dv: the key-major kernel stores the tiles' dk/dv into float32 buffers, then the query-major kernel
+    computes dq and adds the bar columns' dk/dv to those buffers (so it must run second)."""
     delta = (grad_out.float() * out.float()).sum(dim=-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
+    delta = delta.contiguous()
     dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     grid, scalars, constexprs = _launch_args(q, k, layout, block_n)
-    _sparse_backward_kernel[grid](q, k, v, grad_out, lse, delta.contiguous(), dq, dk, dv,
-                                  *_layout_tensors(layout, q.device), *scalars, scale, scale * math.log2(math.e),
-                                  **constexprs)
+    qk_scale = scale * math.log2(math.e)
+
+    key_major = layout.key_major()
+    query_count, query_index = _int32_tensors((key_major.query_count, key_major.query_index), q.device)
+    (b, h, n, _), num_kv_heads, num_blocks = q.shape, k.shape[1], grid[0]
+    key_grid = (num_blocks * (layout.block_size // block_n), num_kv_heads, b)
+    step_m = min(DKDV_QUERY_STEP or block_n, layout.block_size)
+    _sparse_dkdv_kernel[key_grid](q, k, v, grad_out, lse, delta, dk, dv, query_count, query_index,
+                                  n, h, num_kv_heads, num_blocks, query_index.shape[-1], scale, qk_scale,
+                                  STEP_M=step_m, **constexprs, **LAUNCH["dkdv"])
+    _sparse_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, *_layout_tensors(layout, q.device), *scalars,
+                            scale, qk_scale, **constexprs, **LAUNCH["dq"])
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -350,8 +450,9 @@ def triton_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = 
     Same result as `reference_sparse_attention` with the layout's pattern; differentiable in q, k, v (and through
     lse when returned). Returns out [B, H, N, D] in q's dtype, and lse [B, H, N] float32 (natural log) when
     `return_lse`. fp32, fp16, bf16 inputs; softmax statistics and accumulators are float32. Constraints: D and
-    `layout.block_size` (G) powers of two >= 16; `block_n` (keys per inner step, default min(G, 64), min(G, 32)
-    for fp32) a power of two >= 16 dividing G. Non-contiguous inputs are copied to contiguous ones.
+    `layout.block_size` (G) powers of two >= 16; `block_n` (keys per inner step, and keys per program of the dk/dv
+    kernel; default min(G, 64), min(G, 32) for fp32) a power of two >= 16 dividing G. Non-contiguous inputs are
+    copied to contiguous ones.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_n is None:  # fp32 doubles shared memory: G = 64, D = 128, 64-key steps need 224 KiB in the backward

@@ -2,8 +2,8 @@
 run by Triton's CPU interpreter otherwise (the tensors live on `DEVICE`).
 
 Forward out and lse, and gradients in q, k, v (through out and lse), for estimated (top-k, mass), dense, bar-free and
-bar-heavy patterns, head dims 16 and 32, GQA, sequence lengths that are not a multiple of the tile size, fp32 and
-bf16/fp16. The references run in float64 on the same input values, on the same device. Random values are drawn
+bar-heavy patterns, head dims 16 and 32, GQA (also with different patterns per head of a group, and key blocks that
+no tile of the group reaches), sequence lengths that are not a multiple of the tile size, fp32 and bf16/fp16. The references run in float64 on the same input values, on the same device. Random values are drawn
 on the CPU and moved to `DEVICE`, so every device sees the same inputs.
 """
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from reasonrl.kernels.layout import build_block_layout, layout_mask
+from reasonrl.kernels import triton_sparse
+from reasonrl.kernels.layout import BlockLayout, build_block_layout, layout_mask, tile_matrix
 from reasonrl.kernels.pattern import (
     PatternConfig,
     SparsePattern,
@@ -142,6 +143,56 @@ def test_tiles_wider_than_block_n_and_custom_scale():
     """G = 32 tiles visited 16 keys at a time: the diagonal tile's causal mask spans two sub-blocks."""
     q, k, v = qkv(n=77, d=16)
     check_against_reference(q, k, v, make_pattern("bars", q, k, block_size=32), TIGHT, scale=0.3, block_n=16)
+
+
+def without_key_block(layout: BlockLayout, heads, key_block: int) -> BlockLayout:
+    """`layout` minus the tiles (r, key_block) of `heads`: no query block of those heads reaches that key block
+    through a tile (bar columns in it stay, and they never lie in an active tile, so keys are still counted once)."""
+    tiles = tile_matrix(layout).clone()
+    tiles[:, heads, :, key_block] = False
+    nb = tiles.shape[-1]
+    ids = torch.where(tiles, torch.arange(nb, device=tiles.device), nb).sort(dim=-1).values
+    index = torch.where(ids < nb, ids, 0).to(torch.int32)
+    return BlockLayout(tiles.sum(dim=-1, dtype=torch.int32), index, layout.column_count, layout.column_index,
+                       layout.block_size, layout.seq_len)
+
+
+@pytest.mark.parametrize("n, block_size, block_n, key_block", [(77, 16, None, 2), (100, 32, 16, 1)])
+def test_gqa_heads_with_own_patterns_and_an_unreached_key_block(n, block_size, block_n, key_block):
+    """Query heads 0 and 1 (key/value head 0) have different random patterns and none of their tiles covers
+    `key_block`: its keys get dk = dv = 0 from the tiles, and gradient only through bar columns. Compared with
+    float64 attention under the layout's own mask."""
+    q, k, v = qkv(h=4, hk=2, n=n, seed=5)
+    generator = torch.Generator().manual_seed(7)
+    blocks = num_blocks(n, block_size)
+    slash = torch.rand(1, 4, blocks, generator=generator) < 0.5
+    slash[..., :2] = True  # distance 1: query block `key_block` keeps a tile once its diagonal one is dropped
+    slash[..., 2] = False  # distance 2: query block `key_block` + 2 sees the block's vertical columns as bars
+    vertical = torch.rand(1, 4, n, generator=generator) < 0.3
+    pattern = SparsePattern(vertical.to(DEVICE), slash.to(DEVICE), block_size)
+    layout = without_key_block(build_block_layout(pattern), [0, 1], key_block)
+    assert layout.key_major().query_count[0, :2, key_block].tolist() == [0, 0]
+
+    ours = outputs_and_grads(
+        lambda *t: triton_sparse_attention(*t, layout, return_lse=True, block_n=block_n), (q, k, v))
+    mask = layout_mask(layout)
+    expected = outputs_and_grads(lambda *t: masked_attention(*t, mask, q.shape[-1] ** -0.5), float64_leaves((q, k, v)))
+    assert_close(ours, expected, TIGHT)
+
+    keys = torch.arange(key_block * block_size, (key_block + 1) * block_size)
+    seen = mask[0, :2, :, keys].any(dim=(0, 1)).cpu()  # keys of the block that some query of heads 0, 1 sees (bars)
+    assert seen.any() and not seen.all()
+    dk, dv = ours[3][0, 0, keys].cpu(), ours[4][0, 0, keys].cpu()
+    assert (dk[~seen] == 0).all() and (dv[~seen] == 0).all()
+    assert (dv[seen].abs().sum(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("query_step, block_n", [(16, 32), (32, 16)])
+def test_dkdv_query_step_other_than_block_n(monkeypatch, query_step, block_n):
+    """The dk/dv kernel's query rows per step (a launch setting) does not change the result."""
+    monkeypatch.setattr(triton_sparse, "DKDV_QUERY_STEP", query_step)
+    q, k, v = qkv(h=4, hk=2, n=77)
+    check_against_reference(q, k, v, make_pattern("topk", q, k, block_size=32), TIGHT, block_n=block_n)
 
 
 def test_dense_pattern_equals_sdpa_causal():
