@@ -81,11 +81,17 @@ def positions(n: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
+def _gqa_groups(num_heads: int, num_kv_heads: int) -> int:
+    """Query heads per key/value head (query head h reads kv head h // groups)."""
+    groups = num_heads // num_kv_heads
+    if groups * num_kv_heads != num_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
+    return groups
+
+
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, Hk, N, D] -> [B, H, N, D] for grouped-query attention (query head h reads kv head h // (H / Hk))."""
-    groups = num_heads // x.shape[1]
-    if groups * x.shape[1] != num_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {x.shape[1]} key/value heads")
+    groups = _gqa_groups(num_heads, x.shape[1])
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
@@ -159,7 +165,7 @@ def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, scores.shape[-1]))
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k:
-        mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        mask.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)  # the set, in any order
     return mask
 
 
@@ -189,16 +195,63 @@ def select_pattern(vertical_scores, slash_scores, config: PatternConfig) -> Spar
     return SparsePattern(vertical, slash_offsets_to_blocks(slash, config.block_size), config.block_size)
 
 
+def _last_rows_logits(q, k, m: int, scale: float) -> torch.Tensor:
+    """What `last_query_logits` gives for the last m queries against all N keys (float32 [B, H, m, N], -inf where
+    hidden), cheaper: the query heads of a GQA group share their key head in one matmul (no repeated keys), the
+    scaling is in place, and only the last m key columns (the only ones a last query can fail to see) are masked."""
+    b, h, n, d = q.shape
+    num_kv_heads = k.shape[1]
+    groups = _gqa_groups(h, num_kv_heads)
+    q_last = q[:, :, n - m :].float().reshape(b, num_kv_heads, groups * m, d)
+    logits = torch.matmul(q_last, k.float().transpose(-1, -2)).view(b, h, m, n).mul_(scale)
+    rows = torch.arange(m, device=q.device)
+    logits[..., n - m :].masked_fill_(rows[None, :] > rows[:, None], float("-inf"))  # key n-m+c hidden from row i<c
+    return logits
+
+
+def _weights_(logits: torch.Tensor, normalize: str) -> torch.Tensor:
+    """`partial_scores`' weights, computed in place in `logits` (returned): softmax probabilities exp(logit - lse)
+    (0 where hidden; finite logits assumed, as they are for finite q, k), or the logits with -inf / nan set to 0."""
+    if normalize == "softmax":
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        return logits.sub_(lse).exp_()
+    return logits.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def diagonal_sums(weights: torch.Tensor) -> torch.Tensor:
+    """Slash scores [B, H, N] of the last m queries' weights [B, H, m, N] (zero where hidden): entry d sums
+    weights[..., i, N - m + i - d] over the rows i that reach that far back (what `partial_scores` gets by index_add).
+
+    Offsets d <= N - m are reached by every row: in the contiguous rows, element (i, i + t) lies i * (N + 1) + t
+    elements in, so a view with row stride N + 1 lines the diagonals up in columns t = N - m - d and one sum over
+    rows gives them all. The last m - 1 offsets come from the pairs j < i of the leading [m, m] block (small)."""
+    b, h, m, n = weights.shape
+    weights = weights.contiguous()
+    strides = (weights.stride(0), weights.stride(1), n + 1, 1)
+    by_diagonal = weights.as_strided((b, h, m, n - m + 1), strides, weights.storage_offset())
+    reached_by_all = by_diagonal.sum(dim=2).flip(-1)  # offsets 0 .. N - m
+    i, j = torch.tril_indices(m, m, offset=-1, device=weights.device)  # the pairs j < i: offset N - m + (i - j)
+    tail = torch.zeros(b, h, m, dtype=weights.dtype, device=weights.device)
+    tail.index_add_(-1, i - j, weights[..., i, j])
+    return torch.cat([reached_by_all, tail[..., 1:]], dim=-1)  # offsets N - m + 1 .. N - 1
+
+
+@torch.no_grad()
+def last_query_scores(q, k, m: int, scale: float, normalize: str):
+    """Vertical and slash scores [B, H, N] of the last m queries against all N keys (q [B, H, N, D], k [B, Hk, N, D]):
+    `partial_scores(last_query_logits(...), ...)` up to float summation order, with one [B, H, m, N] float32 buffer
+    worked in place: no repeated keys, no masks or copies of the full buffer, the diagonal sums by a strided view
+    instead of a scatter."""
+    weights = _weights_(_last_rows_logits(q, k, m, scale), normalize)
+    return weights.sum(dim=2), diagonal_sums(weights)
+
+
 @torch.no_grad()
 def estimate_pattern(q, k, config: PatternConfig, scale: float | None = None) -> SparsePattern:
     """Pattern of one batch of equal-length sequences. q [B, H, N, D], k [B, Hk, N, D]."""
     n = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    m = min(config.last_q, n)
-    q_pos = torch.arange(n - m, n, device=q.device)
-    k_pos = torch.arange(n, device=q.device)
-    logits = last_query_logits(q[:, :, n - m :], k, q_pos, k_pos, scale)
-    vertical, slash = partial_scores(logits, q_pos, k_pos, n, config.normalize)
+    vertical, slash = last_query_scores(q, k, min(config.last_q, n), scale, config.normalize)
     return select_pattern(vertical, slash, config)
 
 

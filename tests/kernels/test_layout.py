@@ -1,10 +1,21 @@
-"""The key-major (transposed) layout the backward's dk/dv kernel walks, against a naive loop over the tiles."""
+"""The key-major (transposed) layout the backward's dk/dv kernel walks, against a naive loop over the tiles: built
+from a layout (`transpose_layout`) or from the pattern's slash distances (`key_major_from_slash`, what
+`BlockLayout.key_major()` uses for a built layout)."""
 
 import pytest
 import torch
 
-from reasonrl.kernels.layout import BlockLayout, active_tiles, build_block_layout, tile_matrix, transpose_layout
-from reasonrl.kernels.pattern import PatternConfig, SparsePattern, dense_pattern, estimate_pattern
+from reasonrl.kernels.layout import (
+    BlockLayout,
+    KeyMajorLayout,
+    active_tiles,
+    build_block_layout,
+    key_major_from_slash,
+    layout_mask,
+    tile_matrix,
+    transpose_layout,
+)
+from reasonrl.kernels.pattern import PatternConfig, SparsePattern, dense_pattern, estimate_pattern, pattern_mask
 
 
 def random_pattern(b, h, n, g, seed, slash_p=0.4, vertical_p=0.2) -> SparsePattern:
@@ -27,8 +38,9 @@ def naive_key_major(layout: BlockLayout):
     return lists
 
 
-def assert_key_major_matches(layout: BlockLayout):
-    key_major = transpose_layout(layout)
+def assert_key_major_matches(layout: BlockLayout, key_major: KeyMajorLayout | None = None):
+    """`key_major` (default: transpose_layout(layout)) lists the layout's tiles by key block, as narrow as it can."""
+    key_major = transpose_layout(layout) if key_major is None else key_major
     b, h, nb = layout.block_count.shape
     assert key_major.query_count.shape == (b, h, nb) and key_major.query_count.dtype == torch.int32
     assert key_major.query_index.dtype == torch.int32 and key_major.query_index.shape[:3] == (b, h, nb)
@@ -52,6 +64,20 @@ def test_key_major_layout_matches_naive_loop(seed):
     # with the diagonal tile always active, key block c's list starts with c
     first = key_major.query_index[..., 0]
     assert torch.equal(first, torch.arange(pattern.num_blocks, dtype=torch.int32).expand_as(first))
+
+
+@pytest.mark.parametrize("n, seed", [(61, 0), (64, 1), (64, 2), (7, 3)])
+def test_key_major_from_slash_distances_matches_naive_loop(n, seed):
+    """A built layout's key_major() (from the slash distances, no transpose) and key_major_from_slash without a
+    width equal the naive loop and transpose_layout, N a multiple of G or not."""
+    pattern = random_pattern(2, 3, n, 8, seed, slash_p=0.3)
+    layout = build_block_layout(pattern)
+    assert torch.equal(layout_mask(layout), pattern_mask(pattern))  # tiles and bar columns, padding column N too
+    transposed = transpose_layout(layout)
+    for key_major in (layout.key_major(), key_major_from_slash(pattern.slash_blocks)):
+        assert_key_major_matches(layout, key_major)
+        assert torch.equal(key_major.query_count, transposed.query_count)
+        assert torch.equal(key_major.query_index, transposed.query_index)
 
 
 def test_key_major_of_estimated_and_dense_patterns():

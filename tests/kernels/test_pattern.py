@@ -8,8 +8,10 @@ from reasonrl.kernels.pattern import (
     PatternConfig,
     SparsePattern,
     dense_pattern,
+    diagonal_sums,
     estimate_pattern,
     last_query_logits,
+    last_query_scores,
     partial_scores,
     pattern_mask,
     select_pattern,
@@ -129,6 +131,44 @@ def test_softmax_scores_sum_to_the_number_of_queries():
     assert torch.allclose(parts[0][1] + parts[1][1], slash, atol=1e-6)
 
 
+@pytest.mark.parametrize("m, n", [(8, 45), (8, 8), (1, 10), (5, 6)])
+def test_diagonal_sums_equal_the_scatter_over_offsets(m, n):
+    torch.manual_seed(m * 100 + n)
+    q_pos, k_pos = torch.arange(n - m, n), torch.arange(n)
+    logits = torch.randn(2, 3, m, n).masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    _, slash = partial_scores(logits, q_pos, k_pos, n, "logits")  # index_add over i - j
+    assert torch.allclose(diagonal_sums(logits.nan_to_num(neginf=0.0)), slash, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, last_q", [(45, 8), (6, 8), (33, 1)])
+@pytest.mark.parametrize("normalize", ["softmax", "logits"])
+def test_last_query_scores_equal_the_generic_path(n, last_q, normalize):
+    """estimate_pattern's in-place scores (GQA without repeated keys) = partial_scores(last_query_logits(...))."""
+    torch.manual_seed(n)
+    q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
+    m = min(last_q, n)
+    q_pos, k_pos = torch.arange(n - m, n), torch.arange(n)
+    expected = partial_scores(last_query_logits(q[:, :, n - m :], k, q_pos, k_pos, 0.3), q_pos, k_pos, n, normalize)
+    for ours, ref in zip(last_query_scores(q, k, m, 0.3, normalize), expected, strict=True):
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["topk", "mass"])
+def test_estimated_pattern_equals_the_generic_path(mode):
+    """The same columns and diagonals as select_pattern on the generic scores, at a size with many candidates."""
+    torch.manual_seed(4)
+    n = 2048
+    q, k = torch.randn(1, 6, n, 16), torch.randn(1, 2, n, 16)
+    config = PatternConfig(block_size=16, last_q=32, mode=mode, vertical_size=100, slash_size=300, sink=4,
+                           local_window=20, mass=0.5)
+    q_pos, k_pos = torch.arange(n - 32, n), torch.arange(n)
+    scores = partial_scores(last_query_logits(q[:, :, n - 32 :], k, q_pos, k_pos, 0.25), q_pos, k_pos, n, "softmax")
+    expected = select_pattern(*scores, config)
+    ours = estimate_pattern(q, k, config, scale=0.25)
+    assert torch.equal(ours.vertical, expected.vertical)
+    assert torch.equal(ours.slash_blocks, expected.slash_blocks)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="mode"):
         PatternConfig(mode="nope")
@@ -144,6 +184,8 @@ def test_layout_walks_exactly_the_pattern(seed):
                                                    local_window=2))
     layout = build_block_layout(pattern)
     assert torch.equal(layout_mask(layout), pattern_mask(pattern))
+    assert layout.block_index.shape[-1] == int(layout.block_count.max())  # as wide as the largest count (>= 1)
+    assert layout.column_index.shape[-1] == max(int(layout.column_count.max()), 1)
     tiles = active_tiles(pattern)
     for b in range(2):
         for h in range(4):
@@ -152,6 +194,8 @@ def test_layout_walks_exactly_the_pattern(seed):
                 assert blocks == tiles[b, h, a].nonzero().squeeze(-1).tolist() and blocks[-1] == a
                 columns = layout.column_index[b, h, a, : layout.column_count[b, h, a]].tolist()
                 assert columns == sorted(columns) and all(c < a * 8 and not tiles[b, h, a, c // 8] for c in columns)
+                assert not layout.block_index[b, h, a, len(blocks) :].any()  # padding is 0
+                assert not layout.column_index[b, h, a, len(columns) :].any()
 
 
 def test_dense_pattern_layout_has_every_tile_and_no_bars():
