@@ -11,7 +11,8 @@ with every model on the same axes.
 run folder (its latest checkpoint), a checkpoint folder, a local HF folder, a hub id or a built-in name. Each budget
 is evaluated without an effort line; each effort (--efforts) is evaluated at the largest budget. The held-out rows,
 model loading and scoring are those of `reasonrl eval` (`eval_data_config`, `resolve_eval_model`, `load_eval_model`,
-`greedy_accuracy`). With --json the last line is one JSON object {"rows": [...], "png": path}.
+`greedy_accuracy`). With --json the last line is one JSON object {"rows": [...], "png": path}; --from-json reads
+such outputs back (their last JSON line), so earlier measurements join the table and the plot without re-running.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="label=target pairs (or bare targets)")
+    p.add_argument("--models", nargs="+", default=[], help="label=target pairs (or bare targets)")
+    p.add_argument("--from-json", nargs="+", default=[], metavar="FILE",
+                   help="earlier --json outputs (logs whose last JSON line holds the rows) to include")
     p.add_argument("--task", choices=TASKS, default="arithmetic")
     p.add_argument("--data-path", help="gsm8k: local JSONL file (default: the hub data set openai/gsm8k)")
     p.add_argument("--n", type=int, default=200, help="number of held-out problems")
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--png", default=str(REPO / "runs" / "length_accuracy.png"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if not args.models and not args.from_json:
+        p.error("give --models, --from-json or both")
     args.budgets = args.budgets or [args.max_new_tokens]
     args.config, args.overrides = None, []  # what eval_data_config reads besides task/data_path/n
     return args
@@ -115,6 +120,27 @@ def evaluate_model(args, label: str, target: str, rows: list[dict], template: st
     return results
 
 
+def load_rows(path: str) -> list[dict]:
+    """The rows of an earlier --json run: the last line of `path` that is a JSON object with "rows"."""
+    for line in reversed(Path(path).read_text().splitlines()):
+        if line.startswith("{"):
+            try:
+                rows = json.loads(line)["rows"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+            return rows
+    raise SystemExit(f"{path}: no JSON line with \"rows\" (was it written with --json?)")
+
+
+def point_labels(points: list[tuple[float, float, str]]) -> dict[tuple[float, float], str]:
+    """One label per drawn point: settings that land on the same spot are joined ("16,32,64")."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for x, y, setting in points:
+        short = setting.replace("budget ", "").replace("effort ", "r=")
+        labels.setdefault((round(x, 1), round(y, 3)), []).append(short)
+    return {xy: ",".join(names) for xy, names in labels.items()}
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -126,9 +152,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         points = sorted((r["mean_length"], r["accuracy"], r["setting"]) for r in rows if r["model"] == label)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         ax.plot(xs, ys, marker="o", label=label)
-        for x, y, setting in points:
-            ax.annotate(setting.replace("budget ", "").replace("effort ", "r="), (x, y), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+        for (x, y), text in point_labels(points).items():
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("mean completion length (tokens)")
     ax.set_ylabel("greedy accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -146,13 +171,14 @@ def main(argv=None) -> int:
     from reasonrl.cli import eval_data_config
     from reasonrl.data.tasks import load_task_rows
 
-    data = eval_data_config(args)
-    _, eval_rows = load_task_rows(data)
-    rows = []
-    for label, target in parse_models(args.models):
-        rows += evaluate_model(args, label, target, eval_rows, data.template)
-
-    plot(rows, args.png, f"{args.task}: accuracy vs length (n={len(eval_rows)})")
+    rows = [row for path in args.from_json for row in load_rows(path)]
+    if args.models:
+        data = eval_data_config(args)
+        _, eval_rows = load_task_rows(data)
+        for label, target in parse_models(args.models):
+            rows += evaluate_model(args, label, target, eval_rows, data.template)
+    sizes = sorted({r["n"] for r in rows})
+    plot(rows, args.png, f"{args.task}: accuracy vs length (n={'/'.join(map(str, sizes))})")
     print("| model | setting | accuracy | mean length |")
     print("|---|---|---|---|")
     for r in rows:

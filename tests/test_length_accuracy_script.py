@@ -31,3 +31,29 @@ def test_length_accuracy_script(tiny_model_dir, tmp_path):
         assert 0.0 <= r["mean_length"] <= r["max_new_tokens"]
     assert result["png"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the saved output joins a new plot and table without re-evaluating; coincident points share one label
+    saved = tmp_path / "first.log"
+    saved.write_text(proc.stdout)
+    png2 = tmp_path / "y.png"
+    again = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved), "--json", "--png", str(png2)],
+                           check=False, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == rows
+    assert png2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_point_labels_join_coincident_settings():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from length_accuracy import point_labels
+
+    labels = point_labels([(11.62, 0.3, "budget 16"), (11.62, 0.3, "budget 32"), (20.0, 0.1, "effort 0.5")])
+    assert labels == {(11.6, 0.3): "16,32", (20.0, 0.1): "r=0.5"}
+
+
+def test_from_json_without_rows_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.log"
+    bad.write_text("no json here\n")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(bad)], check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no JSON line" in proc.stderr
