@@ -80,7 +80,7 @@ def _eval(args) -> int:
         raise SystemExit("a LoRA checkpoint is evaluated with --engine hf (vLLM would need the merged model saved)")
     model = load_eval_model(model_path, args.dtype)
     engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size,  # vllm_*: vLLM's defaults
-                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None)
+                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None, vllm_compile=False)
     engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
                           model_dtype=args.dtype, seed=0)
     start = time.perf_counter()

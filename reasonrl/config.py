@@ -125,6 +125,9 @@ class RolloutConfig:
     # CPU, 0.5 on GPU) or in bytes (takes precedence).
     vllm_gpu_memory_utilization: float | None = None
     vllm_kv_cache_bytes: int | None = None
+    # engine=vllm: torch.compile the model (vLLM's enforce_eager=False). Faster decoding, but a one-off compile at
+    # start-up (about 2-3 min for SmolLM2 on 2 CPU cores): worth it for long runs (docs/rollout.md).
+    vllm_compile: bool = False
     # engine=server: a `reasonrl serve` process; the trainer hosts the gloo group for weight pushes at weight_host
     # (null: the address this machine uses to reach the server).
     server_url: str = "http://127.0.0.1:8000"

@@ -6,15 +6,18 @@ vLLM's own `LLM.generate` standalone; plus the weight-sync time of the `vllm` en
 
 The prompts are the default recipe's task (2-digit arithmetic, its chat template), sampled at temperature 1.0 with
 fixed seeds; every engine runs the model in the same dtype (fp32 by default, as the default recipe on CPU). Each
-engine gets one untimed warm-up call. The standalone run is a separate process (vLLM owns its process there); the
-`vllm` engine shares its process with the trainer's HF model, as in training. Numbers are generated tokens per
-second of wall time. With --json the last line is one JSON object with the same figures.
+engine gets one untimed warm-up call. The hf and standalone rows run in fresh processes of their own (vLLM owns its
+process there); the `vllm` engine shares its process with the trainer's HF model, as in training. --compile adds
+both vLLM rows again with torch.compile (rollout.vllm_compile); the one-off compile is part of the engine start-up
+(its own column), not of the timed generation. Numbers are generated tokens per second of wall time. With --json the last line is one JSON object
+with the same figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,12 +56,14 @@ def bench_hf(model, tokenizer, prompts, params, max_new_tokens, batch_size) -> d
     return timed_generate(engine, prompts, params, max_new_tokens)
 
 
-def bench_vllm_engine(model, model_path, tokenizer, prompts, params, max_new_tokens, dtype, sync_repeats) -> dict:
+def bench_vllm_engine(model, model_path, tokenizer, prompts, params, max_new_tokens, dtype, sync_repeats,
+                      compile_: bool) -> dict:
     from reasonrl.rollout.factory import eos_token_ids
     from reasonrl.rollout.vllm_engine import VLLMEngine
 
     start = time.perf_counter()
-    engine = VLLMEngine(model_path, dtype=dtype, eos_token_ids=eos_token_ids(tokenizer, model))
+    engine = VLLMEngine(model_path, dtype=dtype, eos_token_ids=eos_token_ids(tokenizer, model),
+                        enforce_eager=not compile_)
     startup = time.perf_counter() - start
     try:
         timed_generate(engine, prompts[:2], params, 8)  # warm-up
@@ -74,7 +79,7 @@ def bench_vllm_engine(model, model_path, tokenizer, prompts, params, max_new_tok
     return result
 
 
-def bench_standalone(model_path, prompts, params, max_new_tokens, dtype) -> dict:
+def bench_standalone(model_path, prompts, params, max_new_tokens, dtype, compile_: bool) -> dict:
     """vLLM's LLM.generate with the same requests; run in a child process (see main)."""
     from vllm import LLM
     from vllm import SamplingParams as VLLMSamplingParams
@@ -82,8 +87,10 @@ def bench_standalone(model_path, prompts, params, max_new_tokens, dtype) -> dict
     from reasonrl.rollout.vllm_engine import _on_cpu
 
     options = {"enable_chunked_prefill": False} if _on_cpu() else {}
-    llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.3 if _on_cpu() else 0.5,
+    begin = time.perf_counter()
+    llm = LLM(model=model_path, dtype=dtype, enforce_eager=not compile_, gpu_memory_utilization=0.3 if _on_cpu() else 0.5,
               seed=0, **options)
+    startup = time.perf_counter() - begin
     eos = [llm.get_tokenizer().eos_token_id]
 
     def requests(count, budget):
@@ -98,17 +105,44 @@ def bench_standalone(model_path, prompts, params, max_new_tokens, dtype) -> dict
     results = llm.generate(batch, sampling, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "startup_s": startup}
 
 
-def run_child(args, model_path) -> dict:
-    cmd = [sys.executable, __file__, "--child-standalone", model_path, "--prompts", str(args.prompts), "--samples",
-           str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype, "--seed",
-           str(args.seed)]
+def run_child(args, which: str, model_path: str, compile_: bool = False) -> dict:
+    """One row in a fresh process, so that no engine inherits another's memory or threads (vLLM checks the free
+    memory at start-up)."""
+    cmd = [sys.executable, __file__, "--child", which, "--model", model_path, "--prompts", str(args.prompts),
+           "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
+           "--seed", str(args.seed), "--hf-batch-size", str(args.hf_batch_size), "--sync-repeats",
+           str(args.sync_repeats)]
+    cmd += ["--compile"] if compile_ else []
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"standalone vLLM run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{which} run failed:\n{done.stderr[-3000:]}")
+    for line in reversed(done.stdout.splitlines()):  # vLLM logs to stdout too: the row is the last JSON line
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{which} run printed no result:\n{done.stdout[-2000:]}")
+
+
+def child_row(args) -> dict:
+    import torch
+
+    from reasonrl.models import load_model, load_tokenizer
+    from reasonrl.rollout.base import SamplingParams
+
+    tokenizer = load_tokenizer(args.model)
+    prompts = task_prompts(tokenizer, args.prompts)
+    if args.child == "standalone":
+        params = {"n": args.samples, "temperature": 1.0, "seed": args.seed}
+        return bench_standalone(args.model, prompts, params, args.max_new_tokens, args.dtype, args.compile)
+    model = load_model(args.model, dtype=args.dtype).eval()  # the trainer's policy, next to the vllm engine
+    params = SamplingParams(n=args.samples, temperature=1.0, seed=args.seed)
+    if args.child == "vllm":
+        return bench_vllm_engine(model, args.model, tokenizer, prompts, params, args.max_new_tokens, args.dtype,
+                                 args.sync_repeats, args.compile)
+    with torch.no_grad():
+        return bench_hf(model, tokenizer, prompts, params, args.max_new_tokens, args.hf_batch_size)
 
 
 def main(argv=None) -> int:
@@ -121,48 +155,54 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-batch-size", type=int, default=256, help="sequences the hf engine generates together")
     parser.add_argument("--sync-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also both vLLM rows with torch.compile (rollout.vllm_compile=true)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child-standalone", metavar="MODEL_PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["hf", "vllm", "standalone"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(child_row(args)))
+        return 0
 
     import torch
 
-    from reasonrl.models import load_model, load_tokenizer, resolve_model_path
-    from reasonrl.rollout.base import SamplingParams
-
-    if args.child_standalone:
-        prompts = task_prompts(load_tokenizer(args.child_standalone), args.prompts)
-        params = {"n": args.samples, "temperature": 1.0, "seed": args.seed}
-        print(json.dumps(bench_standalone(args.child_standalone, prompts, params, args.max_new_tokens, args.dtype)))
-        return 0
+    from reasonrl.models import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=args.dtype).eval()
-    prompts = task_prompts(tokenizer, args.prompts)
-    params = SamplingParams(n=args.samples, temperature=1.0, seed=args.seed)
-    with torch.no_grad():
-        hf = bench_hf(model, tokenizer, prompts, params, args.max_new_tokens, args.hf_batch_size)
-    engine = bench_vllm_engine(model, model_path, tokenizer, prompts, params, args.max_new_tokens, args.dtype,
-                               args.sync_repeats)
-    standalone = run_child(args, model_path)
+    modes = [False, True] if args.compile else [False]
+    rows = {"hf": run_child(args, "hf", model_path)}
+    for compiled in modes:
+        tag = ", compiled" if compiled else ""
+        rows[f"vllm (in trainer{tag})"] = run_child(args, "vllm", model_path, compiled)
+        rows[f"vllm LLM.generate (standalone{tag})"] = run_child(args, "standalone", model_path, compiled)
 
-    rows = {"hf": hf, "vllm (in trainer)": engine, "vllm LLM.generate (standalone)": standalone}
-    ratios = {"vllm_over_hf": engine["tokens_per_s"] / hf["tokens_per_s"],
-              "vllm_over_standalone": engine["tokens_per_s"] / standalone["tokens_per_s"]}
+    ratios = {}
+    for compiled in modes:
+        tag = ", compiled" if compiled else ""
+        engine, standalone = rows[f"vllm (in trainer{tag})"], rows[f"vllm LLM.generate (standalone{tag})"]
+        key = "_compiled" if compiled else ""
+        ratios[f"vllm{key}_over_hf"] = engine["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+        ratios[f"vllm{key}_over_standalone"] = engine["tokens_per_s"] / standalone["tokens_per_s"]
     print(f"\n{args.prompts} prompts x {args.samples} samples, up to {args.max_new_tokens} new tokens, T=1.0, "
-          f"{args.dtype}, {torch.get_num_threads()} threads, model {args.model}\n")
-    print("| engine | generated tokens | seconds | tokens/s |")
-    print("|---|---|---|---|")
+          f"{args.dtype}, {torch.get_num_threads()} threads, model {args.model}, "
+          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}\n")
+    print("| engine | generated tokens | seconds | tokens/s | engine start-up s |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['tokens']} | {row['seconds']:.1f} | {row['tokens_per_s']:.0f} |")
-    print(f"\nvllm engine / hf engine: {ratios['vllm_over_hf']:.2f}x (target >= 4x)")
-    print(f"vllm engine / standalone vLLM: {ratios['vllm_over_standalone']:.0%} (target >= 90%)")
-    print(f"weight sync (vllm engine, median of {args.sync_repeats}): {engine['weight_sync_s']:.3f} s "
-          f"(target < 1 s); engine start-up {engine['startup_s']:.1f} s")
+        startup = f"{row['startup_s']:.1f}" if "startup_s" in row else "-"
+        print(f"| {name} | {row['tokens']} | {row['seconds']:.1f} | {row['tokens_per_s']:.0f} | {startup} |")
+    print()
+    for compiled in modes:
+        tag, key = (" (compiled)", "_compiled") if compiled else ("", "")
+        engine = rows[f"vllm (in trainer{', compiled' if compiled else ''})"]
+        print(f"vllm engine{tag} / hf engine: {ratios[f'vllm{key}_over_hf']:.2f}x (target >= 4x); "
+              f"/ standalone vLLM: {ratios[f'vllm{key}_over_standalone']:.0%} (target >= 90%); weight sync "
+              f"{engine['weight_sync_s']:.3f} s (median of {args.sync_repeats}; target < 1 s)")
     if args.json:
-        print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "child_standalone"},
-                          "engines": rows, "ratios": ratios, "weight_sync_s": engine["weight_sync_s"]}))
+        print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "child"},
+                          "engines": rows, "ratios": ratios,
+                          "weight_sync_s": rows["vllm (in trainer)"]["weight_sync_s"]}))
     return 0
 
 

