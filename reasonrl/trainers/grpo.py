@@ -28,6 +28,7 @@ from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
 from reasonrl.data.effort import with_effort
 from reasonrl.data.prompts import encode_prompt
 from reasonrl.data.tasks import load_task_rows
+from reasonrl.malloc_tuning import tune_malloc
 from reasonrl.models import load_model, load_tokenizer, resolve_model_path
 from reasonrl.rewards.combine import resolve_reward, score_batch
 from reasonrl.rl.advantages import compute_advantages
@@ -48,6 +49,7 @@ from reasonrl.trainers.distributed import (
     fingerprint,
     full_named_parameters,
     is_peer_failure,
+    leave_process_group,
     load_portable_optimizer_state,
     portable_optimizer_state,
     sharded_inference_engine,
@@ -98,6 +100,11 @@ def validate(config: RecipeConfig, world_size: int) -> None:
                           f"{r.sync_check_tol} positive (or null)")
     if r.server_timeout_s <= 0:
         raise ConfigError(f"rollout.server_timeout_s={r.server_timeout_s} must be positive")
+    if r.vllm_max_num_seqs is not None and r.vllm_max_num_seqs < 1:
+        raise ConfigError(f"rollout.vllm_max_num_seqs={r.vllm_max_num_seqs} must be >= 1 (or null)")
+    if r.vllm_block_size is not None and (r.vllm_block_size < 1 or r.vllm_block_size % 16):
+        raise ConfigError(f"rollout.vllm_block_size={r.vllm_block_size} must be a positive multiple of 16 (on CPU "
+                          "of 32, vLLM's CPU attention needs it), or null for the engine's default")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature={r.temperature}: sampling for training needs a temperature > 0")
     if config.optim.micro_batch_size < 1 or config.algorithm.num_iterations < 1 or config.trainer.steps < 1:
@@ -708,6 +715,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(recipe, overrides)
@@ -724,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.run()
         finally:
             trainer.close()
+        leave_process_group()
     except RuntimeError as err:  # a peer died or stalled: say so instead of a bare gloo/NCCL trace
         if not is_peer_failure(err):
             raise

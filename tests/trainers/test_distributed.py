@@ -62,3 +62,39 @@ def test_peer_failures_are_told_apart_from_other_errors():
     assert is_peer_failure(torch.distributed.DistBackendError("NCCL communicator was aborted"))
     assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_peer_failure(ValueError("connection reset by peer"))  # only runtime errors of the backends
+
+
+def _leave_in_a_two_rank_group(rank: int, port: int, results) -> None:
+    from reasonrl.trainers.distributed import leave_process_group
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    leave_process_group()
+    results[rank] = torch.distributed.is_initialized()
+
+
+def test_leave_process_group_tears_a_multi_rank_group_down_on_every_rank():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_leave_in_a_two_rank_group, args=(port, results), nprocs=2, join=True)
+    assert dict(results) == {0: False, 1: False}
+
+
+def test_leave_process_group_keeps_a_one_process_group_for_its_owner():
+    from reasonrl.trainers.distributed import leave_process_group
+
+    created = not torch.distributed.is_initialized()  # another test of this process may hold one already
+    if created:
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        assert torch.distributed.get_world_size() == 1
+        leave_process_group()
+        assert torch.distributed.is_initialized()
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()

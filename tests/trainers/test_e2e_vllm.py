@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonrl.config import load_config
+from reasonrl.config import ConfigError, load_config
 from reasonrl.trainers import grpo
 from reasonrl.trainers.sync_check import WeightSyncError
 
@@ -60,3 +60,21 @@ def test_the_probe_catches_a_sync_that_did_nothing(vllm_module, vllm_tiny_model_
         assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
     finally:
         trainer.close()
+
+
+def test_cpu_engine_shares_prompt_blocks_and_decodes_a_step_in_one_wave(vllm_module, vllm_tiny_model_dir, tmp_path):
+    """On CPU the trainer's engine gets 32-token KV blocks (the samples of a prompt share its prefix cache) and room
+    for the whole rollout batch when it exceeds vLLM's default of 256 sequences."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU defaults")
+    config = load_config(None, vllm_overrides(vllm_tiny_model_dir, tmp_path, 1, **{
+        "data.num_train": 64, "rollout.prompts_per_step": 40, "rollout.group_size": 8}))
+    trainer = grpo.GRPOTrainer(config)
+    try:
+        vllm_config = trainer.engine.llm.llm_engine.vllm_config
+        assert vllm_config.cache_config.block_size == 32
+        assert vllm_config.scheduler_config.max_num_seqs == 320
+    finally:
+        trainer.close()
+    with pytest.raises(ConfigError, match="rollout.vllm_block_size=24 must be a positive multiple of 16"):
+        grpo.main(vllm_overrides(vllm_tiny_model_dir, tmp_path, 1, **{"rollout.vllm_block_size": 24}))
