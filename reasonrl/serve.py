@@ -48,18 +48,6 @@ def vllm_server_argv(args) -> list[str]:
     return argv + list(getattr(args, "passthrough", []))
 
 
-def malloc_tunables(environ) -> dict[str, str]:
-    """The malloc settings of `reasonrl.malloc_tuning` for a process we exec (mallopt does not survive an exec, glibc
-    reads the same settings from GLIBC_TUNABLES at start-up); empty where the tuning is off or the user set their
-    own tunables."""
-    from reasonrl.malloc_tuning import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, SETTINGS, should_tune
-
-    if "GLIBC_TUNABLES" in environ or not should_tune(environ):
-        return {}
-    names = {M_MMAP_THRESHOLD: "mmap_threshold", M_TRIM_THRESHOLD: "trim_threshold", M_TOP_PAD: "top_pad"}
-    return {"GLIBC_TUNABLES": ":".join(f"glibc.malloc.{names[k]}={v}" for k, v in SETTINGS.items())}
-
-
 def _cpu_only() -> bool:
     import torch
 
@@ -68,8 +56,10 @@ def _cpu_only() -> bool:
 
 def serve(args) -> int:
     """Replace this process by vLLM's server (signals and exit codes are then vLLM's own)."""
+    from reasonrl.malloc_tuning import glibc_tunables
+
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_server_argv(args)]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **malloc_tunables(os.environ))
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **glibc_tunables(os.environ))
     print("reasonrl serve:", " ".join(argv[1:]), file=sys.stderr, flush=True)
     os.execvpe(argv[0], argv, env)
     return 0  # not reached

@@ -87,12 +87,10 @@ def bench_standalone(model_path, prompts, params, max_new_tokens, dtype, compile
     from vllm import LLM
     from vllm import SamplingParams as VLLMSamplingParams
 
-    from reasonrl.rollout.vllm_engine import CPU_BLOCK_SIZE, CPU_MAX_NUM_SEQS, _on_cpu
+    from reasonrl.rollout.vllm_engine import _on_cpu, cpu_defaults
 
-    options = {}
-    if _on_cpu():  # the engine's CPU settings (reasonrl/rollout/vllm_engine.py), so the two rows differ only in set-up
-        options = {"enable_chunked_prefill": False, "block_size": CPU_BLOCK_SIZE,
-                   "max_num_seqs": max(CPU_MAX_NUM_SEQS, len(prompts) * params["n"])}
+    # the engine's CPU settings, so the two rows differ only in how vLLM is hosted
+    options = cpu_defaults(len(prompts) * params["n"]) if _on_cpu() else {}
     begin = time.perf_counter()
     llm = LLM(model=model_path, dtype=dtype, enforce_eager=not compile_, gpu_memory_utilization=0.3 if _on_cpu() else 0.5,
               seed=0, **options)
@@ -135,10 +133,10 @@ def child_row(args) -> dict:
     import torch
 
     from reasonrl.malloc_tuning import tune_malloc
-
-    tune_malloc()  # as the reasonrl entry points do, in every row's process
     from reasonrl.models import load_model, load_tokenizer
     from reasonrl.rollout.base import SamplingParams
+
+    tune_malloc()  # as the reasonrl entry points do, in every row's process
 
     tokenizer = load_tokenizer(args.model)
     prompts = task_prompts(tokenizer, args.prompts)

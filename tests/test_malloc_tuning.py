@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from reasonrl.malloc_tuning import should_tune
-from reasonrl.serve import malloc_tunables
+from reasonrl.malloc_tuning import glibc_tunables, should_tune
 
 # Ten 8 MiB tensors alive at once, then freed: prints how many MiB the process gave back to the kernel.
 FREED_MEMORY_PROBE = """
@@ -37,10 +36,10 @@ def test_should_tune_only_with_glibc_no_preloaded_allocator_and_not_switched_off
 def test_the_server_gets_the_same_settings_as_glibc_tunables():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    assert malloc_tunables({}) == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
+    assert glibc_tunables({}) == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
                                    "glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=67108864"}
-    assert malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}  # the user's own are kept
-    assert malloc_tunables({"REASONRL_MALLOC_TUNING": "0"}) == {}
+    assert glibc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}  # the user's own are kept
+    assert glibc_tunables({"REASONRL_MALLOC_TUNING": "0"}) == {}
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"), reason="glibc only")

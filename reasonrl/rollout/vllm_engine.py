@@ -55,6 +55,15 @@ CPU_BLOCK_SIZE = 32
 CPU_MAX_NUM_SEQS = 256  # vLLM's default on CPU; a larger rollout batch decodes in one wave (64 x 8: 238 -> 247 tokens/s)
 
 
+def cpu_defaults(rollout_batch: int | None) -> dict:
+    """vLLM options the engine uses on CPU where the caller gives none: chunked prefill off (module notes), 32-token
+    blocks, and room for the whole rollout batch when it exceeds vLLM's CPU default of 256 sequences."""
+    options = {"enable_chunked_prefill": False, "block_size": CPU_BLOCK_SIZE}
+    if rollout_batch is not None and rollout_batch > CPU_MAX_NUM_SEQS:
+        options["max_num_seqs"] = rollout_batch
+    return options
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -122,16 +131,12 @@ class VLLMEngine:
             options["max_model_len"] = max_model_len
         if kv_cache_memory_bytes is not None:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        if block_size is None and on_cpu:
-            block_size = CPU_BLOCK_SIZE
         if block_size is not None:
             options["block_size"] = block_size
-        if max_num_seqs is None and on_cpu and rollout_batch is not None and rollout_batch > CPU_MAX_NUM_SEQS:
-            max_num_seqs = rollout_batch
         if max_num_seqs is not None:
             options["max_num_seqs"] = max_num_seqs
         if on_cpu:
-            options["enable_chunked_prefill"] = False  # see the module docstring
+            options = {**cpu_defaults(rollout_batch), **options}
         # HAPO adaptive temperature and CyclicReflex: vLLM v1 takes processor classes at start-up only; each acts on a
         # request only when its SamplingParams.extra_args carry that processor's entry (see _vllm_params).
         from reasonrl.rollout.adaptive_temperature import vllm_logits_processor_class
