@@ -12,8 +12,9 @@ preload needs the process to be restarted, while glibc's own `mallopt` knobs can
 
 Measured on the 2-core build machine (docs/rollout.md): the vLLM engine generates 8% more tokens/s (214 -> 231), the
 transformers engine about the same (57 -> 58), a prefill-sized (3840 x 576) RMSNorm takes 2 ms instead of 18 ms, and
-training steps are not slower. The cost is up to 1 GiB of freed memory kept by the process. Applied by the `reasonrl` entry points; ``REASONRL_MALLOC_TUNING=0`` turns it off, and it does
-nothing without glibc or when another allocator is preloaded (``LD_PRELOAD``).
+training steps are not slower. The cost is up to 1 GiB of freed memory kept by the process. Applied by the
+`reasonrl` entry points; ``REASONRL_MALLOC_TUNING=0`` turns it off, and it does nothing without glibc or when another
+allocator is preloaded (``LD_PRELOAD``).
 """
 
 from __future__ import annotations

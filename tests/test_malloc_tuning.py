@@ -37,7 +37,7 @@ def test_the_server_gets_the_same_settings_as_glibc_tunables():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert glibc_tunables({}) == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
-                                   "glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=67108864"}
+                                  "glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=67108864"}
     assert glibc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}  # the user's own are kept
     assert glibc_tunables({"REASONRL_MALLOC_TUNING": "0"}) == {}
 
