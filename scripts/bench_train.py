@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RECIPE = REPO / "recipes" / "grpo_smollm2_arith.yaml"
+RECIPE = REPO / "recipes" / "arith" / "grpo.yaml"  # the default task with the hf engine and a constant lr, pinned
 ZERO = REPO / "recipes" / "accelerate"
 # name: (table label, recipe overrides, accelerate launch config for 2 processes or None)
 CONFIGS = {
