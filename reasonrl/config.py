@@ -7,6 +7,7 @@ with a message that names the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,38 @@ class ConfigError(ValueError):
 
 
 def choice(default, choices, doc=""):
-    """A field restricted to `choices` (checked by `_validate_choices` in `load_config`)."""
+    """A field restricted to `choices` (checked by `_validate_fields` in `load_config`)."""
     return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: low/high None = unbounded; open ends exclude the bound itself."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if math.isnan(value):  # NaN is in no range
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        opening = "(" if self.low_open or self.low is None else "["
+        closing = ")" if self.high_open or self.high is None else "]"
+        return f"{opening}{low}, {high}{closing}"
+
+
+def bounded(default, low=None, high=None, *, low_open=False, high_open=False, doc=""):
+    """A numeric field restricted to a range (checked by `_validate_fields` in `load_config`); None, where the
+    field's type allows it, is always accepted (it means "off" or "the default")."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open), "doc": doc})
 
 
 @dataclass
@@ -312,18 +343,21 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _validate_choices(obj, prefix: str = "") -> None:
+def _validate_fields(obj, prefix: str = "") -> None:
+    """Every field's choices and range, recursively; the message names the key, the value and what is allowed."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _validate_choices(value, key + ".")
+            _validate_fields(value, key + ".")
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
-                    _validate_choices(item, f"{key}[{i}].")
+                    _validate_fields(item, f"{key}[{i}].")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(f.metadata['choices'])}")
+        elif "range" in f.metadata and value is not None and value not in f.metadata["range"]:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be in {f.metadata['range']}")
 
 
 def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
@@ -358,7 +392,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"invalid config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
     config = OmegaConf.to_object(merged)
-    _validate_choices(config)
+    _validate_fields(config)
     return config
 
 

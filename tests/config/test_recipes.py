@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from reasonrl.config import load_config
-from reasonrl.trainers.grpo import validate
+from reasonrl.trainers.validation import validate
 
 ROOT = Path(__file__).resolve().parents[2] / "recipes"
 RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate" not in p.parts)  # accelerate/: launch configs

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reasonrl.trainers import grpo
+from reasonrl.trainers import grpo, validation
 from reasonrl.trainers.checkpoint import latest_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,9 +73,9 @@ def test_invalid_combinations_are_rejected(tiny_model_dir, tmp_path):
 
     for bad in (["rollout.group_size=1"], ["rewards=[{name: nonexistent}]"], ["rollout.temperature=0"]):
         with pytest.raises(ConfigError):
-            grpo.validate(load_config(None, bad), world_size=1)
+            validation.validate(load_config(None, bad), world_size=1)
     with pytest.raises(ConfigError, match="multiple of the number of processes"):
-        grpo.validate(load_config(None, ["rollout.prompts_per_step=3"]), world_size=2)
+        validation.validate(load_config(None, ["rollout.prompts_per_step=3"]), world_size=2)
 
 
 def test_missing_model_names_the_fix(tmp_path):

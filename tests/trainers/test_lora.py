@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from reasonrl.config import ConfigError, LoraConfig, load_config
 from reasonrl.models import load_model
-from reasonrl.trainers import grpo
+from reasonrl.trainers import grpo, validation
 from reasonrl.trainers.checkpoint import latest_checkpoint, list_checkpoints
 from reasonrl.trainers.lora import (
     ADAPTER_DIR,
@@ -106,7 +106,7 @@ def test_adapters_round_trip_and_a_mismatch_fails(tiny_model_dir, tmp_path):
 ])
 def test_bad_lora_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        grpo.validate(load_config(None, [override]), world_size=1)
+        validation.validate(load_config(None, [override]), world_size=1)
 
 
 def lora_overrides(model_dir, out_dir, steps, **extra):

@@ -10,7 +10,7 @@ from test_step import PAD, make_batch, naive_grads, tiny_model
 
 from reasonrl.config import AlgorithmConfig, ConfigError, OptimConfig, load_config
 from reasonrl.models import load_model
-from reasonrl.trainers import grpo
+from reasonrl.trainers import grpo, validation
 from reasonrl.trainers.policy import (
     completion_logprobs,
     full_sequence_completion_logprobs,
@@ -297,12 +297,12 @@ def test_gradient_checkpointing_runs_whole_sequences_without_the_prompt_cache():
 def test_memory_keys_load_and_validate():
     cfg = load_config(None, ["optim.packing=true", "optim.micro_batch_tokens=4096", "model.gradient_checkpointing=true"])
     assert cfg.optim.packing and cfg.optim.micro_batch_tokens == 4096 and cfg.model.gradient_checkpointing
-    grpo.validate(cfg, world_size=1)
+    validation.validate(cfg, world_size=1)
     defaults = load_config(None, [])
     assert not defaults.optim.packing and defaults.optim.micro_batch_tokens is None
     assert not defaults.model.gradient_checkpointing
     with pytest.raises(ConfigError, match="optim.micro_batch_tokens"):
-        grpo.validate(load_config(None, ["optim.micro_batch_tokens=0"]), world_size=1)
+        validation.validate(load_config(None, ["optim.micro_batch_tokens=0"]), world_size=1)
 
 
 def test_trainer_runs_with_checkpointing_packing_and_a_token_budget(tiny_model_dir, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reasonrl.config import ConfigError, load_config
-from reasonrl.trainers.grpo import validate
+from reasonrl.trainers.validation import validate
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
