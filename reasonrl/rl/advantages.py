@@ -2,7 +2,12 @@
 
 Group g is rows [g*G, (g+1)*G). ``valid`` (bool [N], optional) marks samples whose reward exists; invalid samples
 are excluded from every group statistic and get advantage 0. Every estimator returns one value per sample ([N]),
-to be broadcast over that sample's response tokens.
+to be broadcast over that sample's response tokens, and follows the same rules for degenerate inputs:
+
+- a group whose valid rewards are all equal gets exactly 0 (no rounding residue of r - mean);
+- a non-finite (NaN or ±inf) reward on a VALID sample makes every advantage computed from it NaN: the valid
+  samples of its group (with scale="batch", whose std spans the batch: every valid sample), so that the trainer's
+  non-finite checks stop the run instead of training on a silent 0. Invalid samples stay 0, whatever their reward.
 """
 
 import math
@@ -17,12 +22,13 @@ ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "hapo")
 
 def _prepare(
     rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None, *, compute_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Validate (rewards, group_size, valid); return (r, v, out_dtype).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+    """Validate (rewards, group_size, valid); return (r, v, bad, out_dtype).
 
-    ``r`` is rewards cast to the compute dtype with invalid entries zeroed (NaN-safe), ``v`` the bool validity mask.
-    The compute dtype is ``compute_dtype`` if given, else float64 for float64 input and float32 otherwise; the
-    output dtype is the rewards' float dtype, or float32 for integer rewards.
+    ``r`` is rewards cast to the compute dtype with invalid and non-finite entries zeroed, so the estimators compute
+    on finite numbers; ``v`` is the bool validity mask [N]; ``bad`` [P, 1] marks the groups holding a non-finite
+    valid reward, which `_finish` turns to NaN. The compute dtype is ``compute_dtype`` if given, else float64 for
+    float64 input and float32 otherwise; the output dtype is the rewards' float dtype, or float32 for integer rewards.
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
@@ -41,8 +47,18 @@ def _prepare(
         if valid.shape != rewards.shape:
             raise ValueError(f"valid shape {tuple(valid.shape)} != rewards shape {tuple(rewards.shape)}")
         v = valid.to(device=r.device, dtype=torch.bool)
-    r = torch.where(v, r, torch.zeros_like(r))  # NaN-safe for failed rewards
-    return r, v, out_dtype
+    finite = torch.isfinite(r)
+    bad = (v & ~finite).view(-1, group_size).any(-1, keepdim=True)  # [P, 1]
+    r = torch.where(v & finite, r, torch.zeros_like(r))
+    return r, v, bad, out_dtype
+
+
+def _finish(adv: torch.Tensor, vg: torch.Tensor, bad: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[P, G] -> [N] in ``out_dtype`` under the module's rules: invalid samples 0, valid samples of ``bad`` groups
+    NaN."""
+    adv = torch.where(vg, adv, torch.zeros_like(adv))
+    adv = torch.where(vg & bad, torch.full_like(adv, math.nan), adv)
+    return adv.reshape(-1).to(out_dtype)
 
 
 def _constant_groups(rg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,17 +83,19 @@ def grpo_advantages(
     scale="group": std of the group; "batch": std of all valid rewards in the batch
     (centering still uses group means); "none": Dr.GRPO, A_i = r_i - mean_g.
     Bessel-corrected std when ``unbiased_std`` (groups with <= 1 valid sample get
-    std 0). Samples with ``valid == False`` are excluded from mean/std and get A = 0.
+    std 0). Samples with ``valid == False`` are excluded from mean/std and get A = 0;
+    all-equal groups get exactly 0 and non-finite valid rewards give NaN (module docstring).
     """
     if scale not in _SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {_SCALES}")
-    r, v, out_dtype = _prepare(rewards, group_size, valid)
-    vf = v.to(r.dtype)
-    rg, vg = r.view(-1, group_size), vf.view(-1, group_size)
+    r, v, bad, out_dtype = _prepare(rewards, group_size, valid)
+    rg, vg = r.view(-1, group_size), v.view(-1, group_size)
+    vf = vg.to(r.dtype)
 
-    cnt = vg.sum(-1, keepdim=True)
+    cnt = vf.sum(-1, keepdim=True)
     mean = rg.sum(-1, keepdim=True) / cnt.clamp(min=1)
-    centered = (rg - mean) * vg
+    # an all-equal group is exactly 0: r - mean leaves rounding residue (0.3 x 6 in float32: 3e-8, / eps = 3e-4)
+    centered = torch.where(vg & ~_constant_groups(rg, vg), rg - mean, torch.zeros_like(rg))
     if scale == "none":
         adv = centered
     else:
@@ -86,11 +104,12 @@ def grpo_advantages(
         else:
             c = vf.sum()
             bmean = r.sum() / c.clamp(min=1)
-            ss = (((r - bmean) * vf) ** 2).sum()
+            ss = torch.where(v, r - bmean, torch.zeros_like(r)).square().sum()
+            bad = bad.any().expand_as(bad)  # the batch std depends on every valid reward
         denom = c - 1 if unbiased_std else c
         std = torch.where(denom > 0, ss / denom.clamp(min=1), torch.zeros_like(ss)).sqrt()
         adv = centered / (std + eps)
-    return (adv.reshape(-1) * vf).to(out_dtype)
+    return _finish(adv, vg, bad, out_dtype)
 
 
 def rloo_advantages(rewards: torch.Tensor, *, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,13 +120,13 @@ def rloo_advantages(rewards: torch.Tensor, *, group_size: int, valid: torch.Tens
     valid rewards are all equal get exactly 0; invalid samples get 0. No std normalization.
     Computed in float64; returned in the rewards' float dtype (float32 for integer rewards).
     """
-    r, v, out_dtype = _prepare(rewards, group_size, valid, compute_dtype=torch.float64)
+    r, v, bad, out_dtype = _prepare(rewards, group_size, valid, compute_dtype=torch.float64)
     rg, vg = r.view(-1, group_size), v.view(-1, group_size)
     cnt = vg.sum(-1, keepdim=True).to(r.dtype)
     others = (rg.sum(-1, keepdim=True) - rg) / (cnt - 1).clamp(min=1)
     keep = vg & (cnt >= 2) & ~_constant_groups(rg, vg)
     adv = torch.where(keep, rg - others, torch.zeros_like(rg))
-    return adv.reshape(-1).to(out_dtype)
+    return _finish(adv, vg, bad, out_dtype)
 
 
 def token_group_average_advantages(
@@ -140,7 +159,7 @@ def token_group_average_advantages(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if fallback_threshold is not None and not fallback_threshold > 0:
         raise ValueError(f"fallback_threshold must be > 0 or None, got {fallback_threshold}")
-    r, v, out_dtype = _prepare(rewards, group_size, valid, compute_dtype=torch.float64)
+    r, v, bad, out_dtype = _prepare(rewards, group_size, valid, compute_dtype=torch.float64)
     lengths = torch.as_tensor(lengths)
     if lengths.shape != rewards.shape:
         raise ValueError(f"lengths shape {tuple(lengths.shape)} != rewards shape {tuple(rewards.shape)}")
@@ -167,7 +186,7 @@ def token_group_average_advantages(
     if fallback_threshold is None or math.isinf(fallback_threshold):
         fallback = torch.zeros_like(tokens, dtype=torch.bool)
     else:
-        fallback = (tlga.abs() >= fallback_threshold).any(-1, keepdim=True)
+        fallback = (tlga.abs() >= fallback_threshold).any(-1, keepdim=True) & ~bad
     n_fallback = int(fallback.sum())
     adv = tlga
     if n_fallback:
@@ -182,7 +201,7 @@ def token_group_average_advantages(
         else:
             grpo = dev
         adv = torch.where(fallback, torch.where(has_tok, grpo, zero), tlga)
-    return adv.reshape(-1).to(out_dtype), n_fallback
+    return _finish(adv, vg, bad, out_dtype), n_fallback
 
 
 def compute_advantages(
@@ -206,6 +225,15 @@ def compute_advantages(
                  std-normalized, "none" -> centering only, "batch" is rejected; unbiased_std ignored (TLGA uses the
                  population token std, its GRPO fallback the unbiased sample std).
                  metrics {"adv/fallback_groups": int}
+
+    Every estimator applies the same rules (module docstring), whatever ``scale``:
+    - ``valid == False`` (the reward function failed): advantage 0, the reward (NaN or anything) is excluded from
+      every statistic;
+    - a NaN or ±inf reward on a sample marked valid: NaN for every valid sample of its group (for "grpo" with
+      scale="batch": every valid sample of the batch), 0 for its group's invalid samples; other groups are
+      unaffected. The trainer then stops on the non-finite loss rather than training on a silent 0;
+      "adv/fallback_groups" does not count such a group;
+    - a group whose valid rewards are all equal: exactly 0.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reasonrl.rl.losses import clipped_surrogate
+from reasonrl.rl.losses import clipped_surrogate, policy_ratio
 
 SIGN_MODES = ("paper", "released_code")
 
@@ -280,7 +280,7 @@ def hapo_surrogate(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token HAPO loss (algorithms.md §1.5), [N, T], to be aggregated with `aggregate_token_mean`:
 
-        r = exp(logp - old_logp)
+        r = exp(clamp(logp - old_logp, -20, 20))                  (`losses.policy_ratio`, finite for any log-probs)
         (ε_low,t, ε_high,t) = adaptive_clip_bounds(ĥ; ε_low, ε_high, α)                      (AAC, §1.3)
         A' = redistribute_advantages(A, r, ĥ; ε_low,t, ε_high,t, β)                            (DAR, §1.4)
         ℓ = -min(r A', clip(r, 1 - ε_low,t, 1 + ε_high,t) A')
@@ -310,7 +310,7 @@ def hapo_surrogate(
         raise ValueError(f"mask shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
     h64 = h_hat.detach().double()
     eps_low_t, eps_high_t = adaptive_clip_bounds(h64, eps_low=eps_low, eps_high=eps_high, alpha=alpha)
-    ratio = torch.exp(logp - old_logp)
+    ratio = policy_ratio(logp, old_logp)
     adv = advantages.to(logp.dtype)
     new_adv = redistribute_advantages(
         adv, ratio, h_hat.detach().to(logp.dtype), eps_low_t=eps_low_t.to(logp.dtype),

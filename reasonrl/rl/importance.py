@@ -6,6 +6,8 @@ a stale sync). The policy-gradient term is reweighted by w = pi_old / pi_rollout
     delta_t = logp_old_t - logp_rollout_t                       (valid tokens only)
     level "token":     w_t = exp(delta_t)
     level "sequence":  w_i = exp(sum_t delta_t), the same for every token of sequence i (product of token ratios)
+    (the exponent is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] first, as the policy ratio is, so
+    the weights and metrics stay finite: a ratio beyond e^20 is truncated or masked all the same)
     mode "truncate":   w <- min(w, cap)                          (truncated IS, as TRL's *_truncate and verl's TIS)
     mode "mask":       w <- w if floor <= w <= cap else 0        (TRL's *_mask: drop tokens/sequences off the range)
 
@@ -16,6 +18,8 @@ The weights carry no gradient. Metrics (over valid tokens): sampling/logp_diff_m
 from __future__ import annotations
 
 import torch
+
+from reasonrl.rl.losses import LOG_RATIO_CLAMP
 
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("truncate", "mask")
@@ -45,10 +49,8 @@ def rollout_correction(
                          f"{tuple(rollout_logp.shape)}, {tuple(mask.shape)}")
     m = mask.bool()
     delta = torch.where(m, old_logp.detach().double() - rollout_logp.detach().double(), 0.0)
-    if level == "token":
-        raw = torch.exp(delta)
-    else:
-        raw = torch.exp(delta.sum(-1, keepdim=True)).expand_as(delta)
+    log_w = delta if level == "token" else delta.sum(-1, keepdim=True).expand_as(delta)
+    raw = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     if mode == "truncate":
         weights = raw.clamp(max=cap)
     else:

@@ -74,6 +74,9 @@ def token_logprobs_and_entropy(
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Log-ratios are clamped to [-20, 20] before exp (as verl): exp(89) is inf in float32, and the backward of a clipped
+# token then multiplies that inf by 0 (NaN). Beyond the clamp the ratio saturates at e^±20 and has no gradient.
+LOG_RATIO_CLAMP = 20.0
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "constant")
 
 _Number = float | int | torch.Tensor
@@ -94,6 +97,12 @@ def _bound(eps: float | torch.Tensor, name: str, like: torch.Tensor) -> float | 
     return eps
 
 
+def policy_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """r = exp(clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)): the PPO ratio, finite for any finite
+    log-probs (and with a finite gradient, 0 where the clamp is active)."""
+    return torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
 def clipped_surrogate(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -106,7 +115,7 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO loss [N,T]:
 
-        r = exp(logp - old_logp)
+        r = exp(clamp(logp - old_logp, -20, 20))      (`policy_ratio`; the clamp keeps loss and gradient finite)
         ℓ = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) = max(-A r, -A clip(r))
         dual clip (dual_clip = c > 1), only where A < 0:  ℓ = min(max(-A r, -A clip(r)), -A c)
 
@@ -139,7 +148,7 @@ def clipped_surrogate(
     lower = (1.0 - low).to(logp.device, logp.dtype) if isinstance(low, torch.Tensor) else 1.0 - low
     upper = (1.0 + high).to(logp.device, logp.dtype) if isinstance(high, torch.Tensor) else 1.0 + high
     adv = advantages.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
+    ratio = policy_ratio(logp, old_logp)
     clipped = ratio.clamp(lower, upper)
     loss = -torch.minimum(ratio * adv, clipped * adv)
     dual = None
@@ -162,10 +171,11 @@ def clipped_surrogate(
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    """k3 estimator of KL(pi || ref): exp(d) - d - 1 (>= 0), d = clamp(ref - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    (as verl's low_var_kl, so exp never overflows; no gradient where the clamp is active)."""
     if logp.shape != ref_logp.shape:
         raise ValueError(f"shape mismatch: {tuple(logp.shape)} vs {tuple(ref_logp.shape)}")
-    d = ref_logp - logp
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.exp(d) - d - 1.0
 
 
@@ -175,9 +185,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
 
         k1 = x                       (unbiased, can be negative; verl "kl")
         k2 = x^2 / 2                 (verl "mse"; its gradient is the gradient of KL)
-        k3 = exp(-x) + x - 1 >= 0    (unbiased, low variance; TRL's beta term, verl "low_var_kl" without clamps)
+        k3 = exp(-x) + x - 1 >= 0    (unbiased, low variance; TRL's beta term, verl "low_var_kl")
 
-    No clamping (TRL does not clamp; verl clamps k3 to [-10, 10])."""
+    k3 clamps x to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before exp, as verl does (TRL does not clamp; equal to TRL for
+    |x| <= 20); verl's further clamp of the k3 value to [-10, 10] is not applied. k1 and k2 do not exponentiate."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"kind must be one of {KL_ESTIMATORS}, got {kind!r}")
     if logp.shape != ref_logp.shape:
@@ -202,7 +213,7 @@ def aggregate_loss(
     *,
     mode: str,
     num_tokens: _Number | None,
-    num_sequences: _Number | None,
+    num_sequences: _Number | None = None,
     norm_constant: _Number | None = None,
 ) -> torch.Tensor:
     """Scalar loss of a micro-batch, normalized by GLOBAL counts of the optimizer step so that the sum over any
@@ -218,10 +229,10 @@ def aggregate_loss(
                                    length)
 
     K and S count the whole optimizer step (all micro-batches and ranks), including rows the trainer skips
-    because A = 0. S is the number of rows with >= 1 valid token (verl's convention); TRL's "grpo" and "dr_grpo"
-    divide by all rows, including fully masked ones, so pass that count to reproduce TRL in that case. Only the
-    counts the mode uses are required (others may be None); python numbers must be > 0, tensors are not checked
-    (no device sync). Masked slots are ignored even if they hold NaN/inf."""
+    because A = 0. S is the number of ALL rows of the step, fully masked ones included (TRL's "grpo" and "dr_grpo":
+    a fully masked row is a sequence of loss 0); ``num_sequences=None`` means this call holds the whole step,
+    S = mask.shape[0]. Only the counts the mode uses are required (others may be None); python numbers must be
+    > 0, tensors are not checked (no device sync). Masked slots are ignored even if they hold NaN/inf."""
     if per_token.shape != mask.shape:
         raise ValueError(f"per_token shape {tuple(per_token.shape)} != mask shape {tuple(mask.shape)}")
     if mode not in LOSS_AGGREGATIONS:
@@ -230,14 +241,15 @@ def aggregate_loss(
     masked = torch.where(m, per_token, torch.zeros_like(per_token))
     if mode == "token_mean":
         return masked.sum() / _positive(num_tokens, "num_tokens", mode)
+    # S: all rows of the step; without a count this call is the whole step
+    n_seq = max(m.shape[0], 1) if num_sequences is None else num_sequences
     if mode == "seq_mean_token_mean":
-        n_seq = _positive(num_sequences, "num_sequences", mode)
         per_seq = masked.sum(-1) / m.sum(-1).clamp(min=1).to(masked.dtype)
-        return per_seq.sum() / n_seq
+        return per_seq.sum() / _positive(n_seq, "num_sequences", mode)
     const = _positive(norm_constant, "norm_constant", mode)
     if mode == "seq_mean_token_sum_norm":
         return masked.sum() / const
-    return masked.sum() / (_positive(num_sequences, "num_sequences", mode) * const)
+    return masked.sum() / (_positive(n_seq, "num_sequences", mode) * const)
 
 
 def aggregate_token_mean(
@@ -255,15 +267,18 @@ def entropy_term(
     *,
     mode: str,
     num_tokens: _Number | None,
-    num_sequences: _Number | None,
+    num_sequences: _Number | None = None,
 ) -> torch.Tensor:
     """Mean entropy of the optimizer step, this micro-batch's share, for ``loss -= entropy_coef * entropy_term``.
 
-    It weights tokens as the policy loss of ``mode`` does, but always as a true mean (weights summing to 1 over the
-    step), so entropy_coef keeps the same meaning (coef x nats) whatever the aggregation:
+    It weights tokens as the policy loss of ``mode`` does, but as a mean (weights summing to 1 over the step when no
+    row is fully masked), so entropy_coef keeps the same meaning (coef x nats) whatever the aggregation:
 
         "token_mean", "seq_mean_token_sum_norm", "constant":  sum_it m H / K
         "seq_mean_token_mean":                                sum_i [sum_t m H / max(1, n_i)] / S
+
+    S counts all rows as in `aggregate_loss`, so under "seq_mean_token_mean" a fully masked row counts as a sequence
+    of entropy 0, exactly as it counts as a sequence of loss 0 in the policy loss.
 
     The three token-weighted modes weight every valid token equally, so their mean is the token mean; using their
     own constant C instead would make the bonus scale with (tokens / C), i.e. with response length. TRL uses the

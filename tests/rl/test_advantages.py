@@ -60,7 +60,7 @@ def _naive(r, g, eps, unbiased, scale):
     allstd = (statistics.stdev(rs) if unbiased else statistics.pstdev(rs)) if len(rs) > 1 else 0.0
     for s in range(0, len(rs), g):
         grp = rs[s : s + g]
-        m = sum(grp) / g
+        m = statistics.mean(grp)  # exact (fractions): an all-equal group gives exactly 0
         if g > 1:
             sd = statistics.stdev(grp) if unbiased else statistics.pstdev(grp)
         else:
@@ -79,8 +79,11 @@ def _naive(r, g, eps, unbiased, scale):
 def test_naive_reference(scale, unbiased, g):
     gen = torch.Generator().manual_seed(g)
     r = torch.randn(5 * g, generator=gen, dtype=torch.float64)
+    r[g : 2 * g] = 0.7  # an all-equal group (float64 r - mean leaves 1e-16 for g = 3)
     a = grpo_advantages(r, group_size=g, eps=1e-4, unbiased_std=unbiased, scale=scale)
-    torch.testing.assert_close(a, _naive(r, g, 1e-4, unbiased, scale), atol=1e-9, rtol=1e-9)
+    ref = _naive(r, g, 1e-4, unbiased, scale)
+    torch.testing.assert_close(a, ref, atol=1e-9, rtol=1e-9)
+    assert torch.equal(a[g : 2 * g], ref[g : 2 * g]) and torch.equal(ref[g : 2 * g], torch.zeros(g, dtype=r.dtype))
 
 
 def test_permutation_within_group():
@@ -350,6 +353,61 @@ def test_tlga_edge_cases():
     # dtypes: int rewards -> float32; list lengths accepted
     a, _ = token_group_average_advantages(torch.tensor([1, 0]), [3, 1], group_size=2)
     assert a.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ rules shared by all estimators
+ESTIMATOR_CONFIGS = [  # (estimator, scale): every estimator and every scale it accepts
+    ("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("dr_grpo", "group"), ("rloo", "group"),
+    ("hapo", "group"), ("hapo", "none"),
+]
+
+
+def _advantages(r, config, *, group_size, valid=None, lengths=None, fallback_threshold=5.0):
+    estimator, scale = config
+    if lengths is None:
+        lengths = torch.arange(r.numel()) % 7 + 1
+    adv, metrics = compute_advantages(r, estimator=estimator, group_size=group_size, valid=valid, lengths=lengths,
+                                      eps=1e-4, unbiased_std=True, scale=scale, fallback_threshold=fallback_threshold)
+    return adv, metrics
+
+
+@pytest.mark.parametrize("config", ESTIMATOR_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value, g", [(0.1, 4), (0.7, 3), (0.3, 6), (0.1, 8), (0.7, 16)])
+def test_all_equal_float_groups_are_exactly_zero(config, dtype, value, g):
+    # r - mean leaves rounding residue on these (float32 0.3 x 6: 3e-8, which GRPO's / (0 + eps) made 3e-4);
+    # the spec says exactly 0. Group 0 all equal; group 1 has an invalid sample with another value; group 2 varies.
+    r = torch.cat([torch.full((g,), value), torch.full((g,), value), torch.linspace(0, 1, g)]).to(dtype)
+    valid = torch.ones(3 * g, dtype=torch.bool)
+    r[g], valid[g] = 5.0, False
+    adv, _ = _advantages(r, config, group_size=g, valid=valid)
+    assert (adv[: 2 * g] == 0).all(), adv[: 2 * g]
+    assert (adv[2 * g :] != 0).any()
+
+
+@pytest.mark.parametrize("config", ESTIMATOR_CONFIGS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_one_policy_for_non_finite_rewards(config, bad):
+    # group0: a non-finite reward on a VALID sample (row 1) and an invalid sample (row 3);
+    # group1: a non-finite reward on an INVALID sample (row 5); group2: clean.
+    # Every estimator: the valid rows of group0 are NaN, invalid rows are 0, groups 1 and 2 are unaffected
+    # (as if group0 were not there); with scale="batch" (the std spans the batch) every valid row is NaN.
+    r = torch.tensor([1.0, bad, 0.0, 5.0, 1.0, bad, 0.0, 0.5, 0.0, 1.0, 1.0, 0.25])
+    valid = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    lengths = torch.tensor([3, 5, 2, 4, 6, 1, 2, 8, 3, 3, 7, 2])
+    adv, metrics = _advantages(r, config, group_size=4, valid=valid, lengths=lengths, fallback_threshold=1e-9)
+    nan_rows = valid.clone() if config[1] == "batch" else torch.tensor([1, 1, 1] + [0] * 9, dtype=torch.bool)
+    assert torch.equal(adv.isnan(), nan_rows), adv
+    assert torch.equal(adv[~valid], torch.zeros(int((~valid).sum())))
+    if config[1] != "batch":
+        clean, clean_metrics = _advantages(r[4:], config, group_size=4, valid=valid[4:], lengths=lengths[4:],
+                                           fallback_threshold=1e-9)
+        assert torch.equal(adv[4:], clean) and torch.isfinite(clean).all() and (clean != 0).any()
+        assert metrics == clean_metrics  # hapo: the NaN group is not counted as a fallback group
+    # an invalid sample's reward never matters, even a non-finite one: the same input with row 1 invalid is finite
+    valid[1] = False
+    adv_invalid, _ = _advantages(r, config, group_size=4, valid=valid, lengths=lengths)
+    assert torch.isfinite(adv_invalid).all() and adv_invalid[1] == 0
 
 
 # ------------------------------------------------------------------------------------------------- dispatcher

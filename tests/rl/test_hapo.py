@@ -15,7 +15,7 @@ from reasonrl.rl.hapo import (
     redistribute_advantages,
     temperature_from_entropy,
 )
-from reasonrl.rl.losses import aggregate_token_mean, clipped_surrogate
+from reasonrl.rl.losses import LOG_RATIO_CLAMP, aggregate_token_mean, clipped_surrogate
 
 SQRT3 = math.sqrt(3.0)
 
@@ -56,7 +56,7 @@ def _ref_bounds(hh, eps_low, eps_high, alpha):
 
 
 def _ref_loss(lp, old, a, hh, eps_low, eps_high, alpha, beta, c):
-    r = math.exp(lp - old)
+    r = math.exp(max(-LOG_RATIO_CLAMP, min(LOG_RATIO_CLAMP, lp - old)))
     el, eh = _ref_bounds(hh, eps_low, eps_high, alpha)
     a2 = _ref_redistribute(a, r, hh, el, eh, beta)
     clipped = min(max(r, 1 - el), 1 + eh)
@@ -353,6 +353,8 @@ def test_hapo_surrogate_matches_naive_loop(sign_mode, clip_ratio_c):
     old[1, 1] = logp[1, 1].detach() - 2.0  # ratio e^2 = 7.4 ...
     adv = adv.clone()
     adv[1] = -abs(adv[1]) - 0.5  # ... with A < 0: the dual clip (c = 3) caps this token
+    old[2, 2] = logp[2, 2].detach() + 100.0  # log-ratios beyond the clamp at +-20
+    old[3, 3] = logp[3, 3].detach() - 100.0
     hh = normalized_log_entropy(ent, entropy_stats(ent[mask]), sign_mode=sign_mode)
     loss, metrics = hapo_surrogate(logp, old, adv, hh, eps_low=0.2, eps_high=0.28, alpha=1.0, beta=1.0,
                                    clip_ratio_c=clip_ratio_c, mask=mask)
@@ -360,7 +362,7 @@ def test_hapo_surrogate_matches_naive_loop(sign_mode, clip_ratio_c):
         for t in range(logp.shape[1]):
             ref = _ref_loss(logp[i, t].item(), old[i, t].item(), adv[i].item(), hh[i, t].item(), 0.2, 0.28, 1.0,
                             1.0, clip_ratio_c)
-            assert loss[i, t].item() == pytest.approx(ref, abs=1e-12)
+            assert loss[i, t].item() == pytest.approx(ref, rel=1e-12, abs=1e-12)
     if clip_ratio_c is not None:
         assert metrics["clip/dual_frac"].item() > 0
     assert 0 < metrics["hapo/adv_changed_frac"].item() < 1
@@ -383,6 +385,29 @@ def test_hapo_hand_token():
                              eps_low=0.2, eps_high=0.2, alpha=1.0, beta=1.0, clip_ratio_c=1.2)
     assert loss.item() == pytest.approx(1.8)
     assert m["clip/dual_frac"].item() == 1.0
+
+
+@pytest.mark.parametrize("clip_ratio_c", [None, 3.0])
+def test_hapo_huge_log_ratios_give_finite_loss_and_grads(clip_ratio_c):
+    # float32, log-ratios +-200 (exp(200) = inf without the clamp) on tokens of both entropy sides, A = +-1.
+    # With h_hat = 0 (alpha, beta have no effect) the loss is PPO's on r = e^+-20: row0 A=+1 -> [-1.2, -e^-20],
+    # row1 A=-1 -> [e^20 (or 3 with the dual clip), 0.8]; no gradient anywhere (clipped or clamped).
+    d = torch.tensor([[200.0, -200.0], [200.0, -200.0]])
+    logp = d.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    loss, m = hapo_surrogate(logp, torch.zeros_like(d), adv, torch.zeros_like(d), clip_ratio_c=clip_ratio_c)
+    row1 = [3.0 if clip_ratio_c else math.exp(20), 0.8]
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, -math.exp(-20)], row1]), rtol=1e-6, atol=0)
+    aggregate_token_mean(loss, torch.ones_like(d, dtype=torch.bool), num_tokens=4).backward()
+    assert torch.equal(logp.grad, torch.zeros_like(d))
+    assert all(torch.isfinite(v) for v in m.values())
+    # with adaptive terms on (h_hat = +-1) the loss and gradients stay finite
+    logp2 = d.clone().requires_grad_(True)
+    h_hat = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    loss2, m2 = hapo_surrogate(logp2, torch.zeros_like(d), adv, h_hat, clip_ratio_c=clip_ratio_c)
+    loss2.sum().backward()
+    assert torch.isfinite(loss2).all() and torch.isfinite(logp2.grad).all()
+    assert all(torch.isfinite(v) for v in m2.values())
 
 
 def test_hapo_loss_independent_of_micro_batch_split():

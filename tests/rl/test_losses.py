@@ -5,6 +5,7 @@ import torch
 
 from reasonrl.rl.losses import (
     KL_ESTIMATORS,
+    LOG_RATIO_CLAMP,
     LOSS_AGGREGATIONS,
     aggregate_loss,
     aggregate_token_mean,
@@ -12,6 +13,7 @@ from reasonrl.rl.losses import (
     entropy_term,
     k3_kl,
     kl_estimate,
+    policy_ratio,
     token_logprobs_and_entropy,
 )
 
@@ -129,26 +131,52 @@ def test_clipped_surrogate_asymmetric_and_per_token_adv():
     assert m["clip/low_frac"].item() == pytest.approx(0.2)
 
 
-def test_clipped_surrogate_naive_loop():
+@pytest.mark.parametrize("scale", [0.3, 40.0])  # 40: log-ratios beyond the clamp at +-20
+def test_clipped_surrogate_naive_loop(scale):
     gen = torch.Generator().manual_seed(5)
-    logp = torch.randn(3, 4, generator=gen, dtype=torch.float64) * 0.3
-    old = torch.randn(3, 4, generator=gen, dtype=torch.float64) * 0.3
+    logp = torch.randn(3, 4, generator=gen, dtype=torch.float64) * scale
+    old = torch.randn(3, 4, generator=gen, dtype=torch.float64) * scale
     adv = torch.randn(3, generator=gen, dtype=torch.float64)
     mask = torch.rand(3, 4, generator=gen) > 0.3
     loss, m = clipped_surrogate(logp, old, adv, eps_low=0.1, eps_high=0.25, mask=mask)
     lo = hi = n = 0
     for i in range(3):
         for t in range(4):
-            r = math.exp(logp[i, t].item() - old[i, t].item())
+            d = logp[i, t].item() - old[i, t].item()
+            r = math.exp(max(-LOG_RATIO_CLAMP, min(LOG_RATIO_CLAMP, d)))
             a = adv[i].item()
             exp = -min(r * a, min(max(r, 0.9), 1.25) * a)
-            assert loss[i, t].item() == pytest.approx(exp, abs=1e-12)
+            assert loss[i, t].item() == pytest.approx(exp, rel=1e-12, abs=1e-12)
             if mask[i, t]:
                 n += 1
                 lo += r < 0.9 and a < 0
                 hi += r > 1.25 and a > 0
     assert m["clip/low_frac"].item() == pytest.approx(lo / n)
     assert m["clip/high_frac"].item() == pytest.approx(hi / n)
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_huge_log_ratios_give_finite_loss_and_grads(dual_clip):
+    # float32, log-ratios d = [+200, -200, +10] (exp(200) = inf in float32 without the clamp at 20), eps 0.2/0.2:
+    # row0 A=+1: d=200  r=e^20 -> -min(e^20, 1.2) = -1.2 (high clip, grad 0)
+    #            d=-200 r=e^-20 -> -e^-20 (unclipped; grad 0: the clamp is active)
+    #            d=10   r=e^10 -> -1.2 (high clip, grad 0)
+    # row1 A=-1: d=200  -> e^20 = 4.85e8 (unclipped; grad 0), with dual clip c=3: min(e^20, 3) = 3
+    #            d=-200 -> -min(-e^-20, -0.8) = 0.8 (low clip, grad 0)
+    #            d=10   -> e^10 (unclipped; grad -A r = e^10, inside the clamp), dual clip: 3 (grad 0)
+    d = torch.tensor([[200.0, -200.0, 10.0], [200.0, -200.0, 10.0]])
+    logp = d.clone().requires_grad_(True)
+    loss, m = clipped_surrogate(logp, torch.zeros_like(d), torch.tensor([1.0, -1.0]), dual_clip=dual_clip)
+    e20, e10 = math.exp(20), math.exp(10)
+    row1 = [3.0, 0.8, 3.0] if dual_clip else [e20, 0.8, e10]
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, -math.exp(-20), -1.2], row1]), rtol=1e-6, atol=0)
+    total = aggregate_loss(loss, torch.ones_like(d, dtype=torch.bool), mode="token_mean", num_tokens=6)
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in m.values())
+    grad1 = [0.0, 0.0, 0.0] if dual_clip else [0.0, 0.0, e10]
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0], grad1]) / 6, rtol=1e-6, atol=0)
+    assert LOG_RATIO_CLAMP == 20.0
+    torch.testing.assert_close(policy_ratio(d, torch.zeros_like(d)), torch.tensor([[e20, math.exp(-20), e10]] * 2))
 
 
 def test_clipped_surrogate_bad_inputs():
@@ -174,6 +202,28 @@ def test_k3_hand_and_nonneg():
     assert (k3_kl(x, x.flip(0)) >= 0).all()
     with pytest.raises(ValueError):
         k3_kl(torch.zeros(2, 3), torch.zeros(2, 2))
+
+
+def test_k3_clamps_huge_log_ratios():
+    # d = ref - logp clamped to [-20, 20]: d=200 -> e^20 - 20 - 1, d=-200 -> e^-20 + 20 - 1 (both grad 0);
+    # d=5 inside: e^5 - 6, d k3/d logp = 1 - e^5. float32: without the clamp exp(200) is inf.
+    logp = torch.tensor([[-200.0, 200.0, -5.0]], requires_grad=True)
+    kl = k3_kl(logp, torch.zeros(1, 3))
+    exp = torch.tensor([[math.exp(20) - 21, math.exp(-20) + 19, math.exp(5) - 6]])
+    torch.testing.assert_close(kl, exp, rtol=1e-6, atol=0)
+    kl.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 1 - math.exp(5)]]), rtol=1e-6, atol=0)
+
+
+def test_k3_naive_loop_with_clamp():
+    gen = torch.Generator().manual_seed(12)
+    logp = torch.randn(3, 5, generator=gen, dtype=torch.float64) * 30
+    ref = torch.randn(3, 5, generator=gen, dtype=torch.float64) * 30
+    kl = kl_estimate(logp, ref, "k3")
+    for i in range(3):
+        for t in range(5):
+            d = max(-20.0, min(20.0, ref[i, t].item() - logp[i, t].item()))
+            assert kl[i, t].item() == pytest.approx(math.exp(d) - d - 1, rel=1e-12, abs=1e-12)
 
 
 def test_aggregate_hand():
@@ -420,7 +470,8 @@ def test_kl_estimate_bad_inputs():
 
 # ---------------------------------------------------------------- aggregation modes
 def _agg_case():
-    # valid: row0 [1, 2] (nan masked), row1 [4], row2 none. K = 3 tokens, S = 2 non-empty rows, C = 4
+    # valid: row0 [1, 2] (nan masked), row1 [4], row2 none. K = 3 tokens, S = 3 rows (the fully masked one
+    # included, as TRL's "grpo" / "dr_grpo"), C = 4
     pt = torch.tensor([[1.0, 2.0, float("nan")], [4.0, 5.0, 6.0], [7.0, 7.0, 7.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
     return pt, mask
@@ -430,18 +481,20 @@ def _agg_case():
     "mode, expected",
     [
         ("token_mean", 7 / 3),  # (1 + 2 + 4) / 3
-        ("seq_mean_token_mean", 2.75),  # (1.5 + 4 + 0) / 2
+        ("seq_mean_token_mean", 11 / 6),  # (1.5 + 4 + 0) / 3
         ("seq_mean_token_sum_norm", 1.75),  # 7 / 4 (verl: no division by S)
-        ("constant", 0.875),  # 7 / (2 * 4)
+        ("constant", 7 / 12),  # 7 / (3 * 4)
     ],
 )
 def test_aggregate_loss_hand(mode, expected):
     pt, mask = _agg_case()
-    out = aggregate_loss(pt, mask, mode=mode, num_tokens=3, num_sequences=2, norm_constant=4)
+    out = aggregate_loss(pt, mask, mode=mode, num_tokens=3, num_sequences=3, norm_constant=4)
     assert out.item() == pytest.approx(expected)
-    out_t = aggregate_loss(pt, mask, mode=mode, num_tokens=torch.tensor(3.0), num_sequences=torch.tensor(2),
+    out_t = aggregate_loss(pt, mask, mode=mode, num_tokens=torch.tensor(3.0), num_sequences=torch.tensor(3),
                            norm_constant=torch.tensor(4.0))
     assert out_t.item() == pytest.approx(expected)
+    # without num_sequences the call is the whole step: S = all 3 rows of the mask
+    assert aggregate_loss(pt, mask, mode=mode, num_tokens=3, norm_constant=4).item() == pytest.approx(expected)
 
 
 def test_aggregate_token_mean_is_token_mean_mode():
@@ -478,21 +531,27 @@ def test_aggregate_loss_naive_loop(mode):
     ent = entropy_term(pt, mask, mode=mode, num_tokens=K, num_sequences=S)
     ent_mode = "seq_mean_token_mean" if mode == "seq_mean_token_mean" else "token_mean"
     assert ent.item() == pytest.approx(_naive_agg(pt, mask, ent_mode, K, S, C), abs=1e-12)
+    # default S: every row of this call, the fully masked row 3 included
+    out = aggregate_loss(pt, mask, mode=mode, num_tokens=K, norm_constant=C)
+    assert out.item() == pytest.approx(_naive_agg(pt, mask, mode, K, 5, C), abs=1e-12)
 
 
 def test_entropy_term_hand():
-    # valid entropies row0 [1, 2], row1 [4], row2 none; K = 3, S = 2
-    # token-weighted modes -> token mean 7/3 (not 7/C); seq_mean_token_mean -> (1.5 + 4) / 2 = 2.75
+    # valid entropies row0 [1, 2], row1 [4], row2 none; K = 3, S = 3
+    # token-weighted modes -> token mean 7/3 (not 7/C); seq_mean_token_mean -> (1.5 + 4 + 0) / 3 = 11/6
     pt, mask = _agg_case()
     for mode in ("token_mean", "seq_mean_token_sum_norm", "constant"):
-        assert entropy_term(pt, mask, mode=mode, num_tokens=3, num_sequences=2).item() == pytest.approx(7 / 3)
-    assert entropy_term(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=2).item() == (
-        pytest.approx(2.75)
+        assert entropy_term(pt, mask, mode=mode, num_tokens=3, num_sequences=3).item() == pytest.approx(7 / 3)
+    assert entropy_term(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=3).item() == (
+        pytest.approx(11 / 6)
     )
-    # a constant entropy h gives exactly h under every mode when the counts describe the whole batch
+    assert entropy_term(pt, mask, mode="seq_mean_token_mean", num_tokens=3).item() == pytest.approx(11 / 6)
+    # a constant entropy h gives exactly h under every mode when the counts describe the whole batch and no row is
+    # fully masked; a fully masked row counts as a sequence of entropy 0 under seq_mean_token_mean (as in the loss)
     h = torch.full((3, 3), 0.7, dtype=torch.float64)
     for mode in LOSS_AGGREGATIONS:
-        assert entropy_term(h, mask, mode=mode, num_tokens=3, num_sequences=2).item() == pytest.approx(0.7)
+        assert entropy_term(h[:2], mask[:2], mode=mode, num_tokens=3, num_sequences=2).item() == pytest.approx(0.7)
+    assert entropy_term(h, mask, mode="seq_mean_token_mean", num_tokens=3).item() == pytest.approx(0.7 * 2 / 3)
 
 
 def test_aggregate_loss_bad_inputs():
@@ -507,7 +566,7 @@ def test_aggregate_loss_bad_inputs():
     with pytest.raises(ValueError, match="num_tokens"):
         aggregate_loss(pt, mask, mode="token_mean", num_tokens=None, num_sequences=2)
     with pytest.raises(ValueError, match="num_sequences"):
-        aggregate_loss(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=None)
+        aggregate_loss(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=-1)
     with pytest.raises(ValueError, match="num_sequences"):
         aggregate_loss(pt, mask, mode="constant", num_tokens=3, num_sequences=0, norm_constant=4)
     for mode in ("seq_mean_token_sum_norm", "constant"):
@@ -518,7 +577,7 @@ def test_aggregate_loss_bad_inputs():
     with pytest.raises(ValueError, match="mode"):
         entropy_term(pt, mask, mode="dapo", num_tokens=3, num_sequences=2)
     with pytest.raises(ValueError, match="num_sequences"):
-        entropy_term(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=None)
+        entropy_term(pt, mask, mode="seq_mean_token_mean", num_tokens=3, num_sequences=0)
 
 
 def _mode_loss(model, x, targets, mask, old, ref, adv, *, mode, K, S, C=7, kl_kind="k3", kl_coef=0.05,
@@ -540,7 +599,7 @@ def test_every_mode_microbatch_split_invariant(mode, split):
         _, clip = clipped_surrogate(token_logprobs_and_entropy(model(x), targets)[0], old, adv, eps_low=0.2,
                                     eps_high=0.28, mask=mask, dual_clip=1.5)
     assert all(clip[k] > 0 for k in ("clip/low_frac", "clip/high_frac", "clip/dual_frac")), clip
-    K, S = mask.sum(), int(mask.any(-1).sum())
+    K, S = mask.sum(), mask.shape[0]
     full = _mode_loss(model, x, targets, mask, old, ref, adv, mode=mode, K=K, S=S, dual_clip=1.5)
     full.backward()
     g_full = _grads(model)
@@ -565,7 +624,7 @@ def test_skipping_zero_advantage_rows_keeps_loss_and_grads(mode):
     model, x, targets, mask, old, ref, adv = _setup(3)
     adv = adv.clone()
     adv[1] = 0.0
-    K, S = mask.sum(), int(mask.any(-1).sum())
+    K, S = mask.sum(), mask.shape[0]
     kw = {"mode": mode, "K": K, "S": S, "kl_coef": 0.0, "ent_coef": 0.0}
     full = _mode_loss(model, x, targets, mask, old, ref, adv, **kw)
     full.backward()
@@ -586,7 +645,7 @@ def test_skipping_zero_advantage_rows_keeps_loss_and_grads(mode):
 def test_every_mode_padding_invariant(mode):
     # extra masked columns with absurd values change nothing (C is fixed, not the padded width)
     model, x, targets, mask, old, ref, adv = _setup(4)
-    K, S = mask.sum(), int(mask.any(-1).sum())
+    K, S = mask.sum(), mask.shape[0]
     base = _mode_loss(model, x, targets, mask, old, ref, adv, mode=mode, K=K, S=S, kl_kind="k2")
     base.backward()
     g_base = _grads(model)

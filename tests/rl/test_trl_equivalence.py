@@ -4,10 +4,12 @@ TRL's own `GRPOTrainer._compute_loss` (and the `_get_per_token_logps_and_entropi
 Llama, bound to `_TRLLossHarness`, a stand-in carrying only the attributes that code reads; no trainer, dataset,
 tokenizer or hub access. TRL is driven as in training: gradient accumulation over equal micro-batches, with
 `num_items_in_batch` for "dapo". Our side computes the same logits, then `token_logprobs_and_entropy`,
-`clipped_surrogate`, `kl_estimate("k3")`, `aggregate_loss` and `entropy_term` over the whole batch with global counts.
+`clipped_surrogate`, `kl_estimate("k3")`, `aggregate_loss` and `entropy_term`, over the whole batch or over
+micro-batches of any sizes, each normalized by the global counts, with the losses summed (as the trainer does).
 
-Mapping (peers.md §2.1.5): grpo = seq_mean_token_mean (S = rows), dapo = token_mean (K = tokens of the generation
-batch), dr_grpo = constant (S = rows, C = max_completion_length), bnpo = token_mean over the local micro-batch
+Mapping (peers.md §2.1.5): grpo = seq_mean_token_mean (S = all rows, fully masked ones included: aggregate_loss's
+convention), dapo = token_mean (K = tokens of the generation batch), dr_grpo = constant (S = all rows,
+C = max_completion_length), bnpo = token_mean over the local micro-batch
 (equal to ours only with one micro-batch), TRL `delta` = our `dual_clip` (equal when delta >= 1 + epsilon_high),
 TRL's entropy bonus = token mean for every loss_type = `entropy_term(mode="token_mean")`.
 """
@@ -97,20 +99,34 @@ B, P, T, VOCAB, MAX_COMPLETION_LENGTH, TEMPERATURE = 6, 4, 6, 40, 10, 0.7
 
 
 @pytest.fixture(scope="module")
-def setup():
+def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          tie_word_embeddings=False, pad_token_id=0, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).double().train()
+    return LlamaForCausalLM(config).double().train()
+
+
+@pytest.fixture(scope="module")
+def setup(model):
+    return model, _inputs(model, [6, 2, 5, 1, 4, 3])  # uneven completions
+
+
+@pytest.fixture(scope="module")
+def masked_setup(model):
+    # rows 1 and 4 fully masked (a failed reward, a dropped or truncated sample): they count in S as TRL's do
+    return model, _inputs(model, [6, 0, 5, 1, 0, 3])
+
+
+def _inputs(model, lengths):
     gen = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(1, VOCAB, (B, P), generator=gen)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[1, :2] = 0  # left padding, as TRL's prompts have
     prompt_ids[1, :2] = 0
-    lengths = torch.tensor([6, 2, 5, 1, 4, 3])  # uneven completions
+    lengths = torch.tensor(lengths)
     completion_mask = (torch.arange(T)[None] < lengths[:, None]).long()
     completion_ids = torch.randint(1, VOCAB, (B, T), generator=gen) * completion_mask
     with torch.no_grad():
@@ -123,7 +139,7 @@ def setup():
         "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
         "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum(),
     }
-    return model, inputs
+    return inputs
 
 
 def _our_logp_entropy(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -157,32 +173,44 @@ def _run_trl(model, inputs, *, grad_accum, **kw):
 OUR_MODE = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "constant", "bnpo": "token_mean"}
 
 
+def _slices(sizes):
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
 def _run_ours(model, inputs, *, loss_type, epsilon, epsilon_high, beta, entropy_coef=0.0, delta=None,
-              entropy_mode=None, grad_accum=1):
-    """Our loss on the whole batch at once, with the global counts; per-micro-batch clip metrics for comparison."""
+              entropy_mode=None, grad_accum=1, micro_batches=(B,)):
+    """Our loss over micro-batches of the given sizes (default: the whole batch at once), each normalized by the
+    global counts (K = valid tokens, S = all B rows) and summed, with a backward per micro-batch; clip metrics over
+    TRL's `grad_accum` equal micro-batches for comparison."""
     mask = inputs["completion_mask"].bool()
-    logp, ent = _our_logp_entropy(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
-                                  inputs["completion_mask"])
-    per_token, _ = clipped_surrogate(logp, inputs["old_per_token_logps"], inputs["advantages"], eps_low=epsilon,
-                                     eps_high=epsilon_high, mask=mask, dual_clip=delta)
-    if beta:
-        per_token = per_token + beta * kl_estimate(logp, inputs["ref_per_token_logps"], "k3")
     mode = OUR_MODE[loss_type]
-    counts = {"num_tokens": mask.sum(), "num_sequences": B}
-    loss = aggregate_loss(per_token, mask, mode=mode, norm_constant=MAX_COMPLETION_LENGTH, **counts)
-    if entropy_coef:
-        loss = loss - entropy_coef * entropy_term(ent, mask, mode=entropy_mode or mode, **counts)
-    loss.backward()
+    # one call on the whole batch relies on the default S = mask.shape[0] (all rows); micro-batches pass it
+    counts = {"num_tokens": mask.sum(), "num_sequences": B if len(micro_batches) > 1 else None}
+    total = 0.0
+    for sl in _slices(micro_batches):
+        logp, ent = _our_logp_entropy(model, inputs["prompt_ids"][sl], inputs["prompt_mask"][sl],
+                                      inputs["completion_ids"][sl], inputs["completion_mask"][sl])
+        per_token, _ = clipped_surrogate(logp, inputs["old_per_token_logps"][sl], inputs["advantages"][sl],
+                                         eps_low=epsilon, eps_high=epsilon_high, mask=mask[sl], dual_clip=delta)
+        if beta:
+            per_token = per_token + beta * kl_estimate(logp, inputs["ref_per_token_logps"][sl], "k3")
+        loss = aggregate_loss(per_token, mask[sl], mode=mode, norm_constant=MAX_COMPLETION_LENGTH, **counts)
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy_term(ent, mask[sl], mode=entropy_mode or mode, **counts)
+        loss.backward()
+        total += loss.item()
+    with torch.no_grad():
+        logp, _ = _our_logp_entropy(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                    inputs["completion_mask"])
     metrics = defaultdict(list)
-    size = B // grad_accum
-    for s in range(0, B, size):
-        sl = slice(s, s + size)
-        _, m = clipped_surrogate(logp.detach()[sl], inputs["old_per_token_logps"][sl], inputs["advantages"][sl],
+    for sl in _slices([B // grad_accum] * grad_accum):
+        _, m = clipped_surrogate(logp[sl], inputs["old_per_token_logps"][sl], inputs["advantages"][sl],
                                  eps_low=epsilon, eps_high=epsilon_high, mask=mask[sl], dual_clip=delta)
         metrics["low"].append(m["clip/low_frac"].item())
         metrics["high"].append(m["clip/high_frac"].item())
         metrics["dual"].append(m["clip/dual_frac"].item())
-    return loss.item(), _grads(model), metrics
+    return total, _grads(model), metrics
 
 
 def _compare(trl_out, our_out):
@@ -234,3 +262,30 @@ def test_entropy_bonus_matches_trl(setup, loss_type):
     model, inputs = setup
     kw = {"loss_type": loss_type, "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.04, "entropy_coef": 0.05}
     _compare(_run_trl(model, inputs, grad_accum=1, **kw), _run_ours(model, inputs, entropy_mode="token_mean", **kw))
+
+
+MASKED_CASES = [
+    # loss_type, beta, TRL's grad_accum, our micro-batch sizes (any split: each normalized by the global counts)
+    ("grpo", 0.0, 1, (6,)),
+    ("grpo", 0.04, 1, (1, 2, 3)),
+    ("grpo", 0.04, 2, (2, 4)),
+    ("grpo", 0.0, 3, (1, 1, 1, 1, 1, 1)),
+    ("dr_grpo", 0.0, 1, (6,)),
+    ("dr_grpo", 0.04, 2, (3, 1, 2)),
+    ("dr_grpo", 0.04, 3, (5, 1)),
+    ("dapo", 0.04, 1, (2, 2, 2)),
+    ("dapo", 0.0, 3, (4, 2)),
+    ("bnpo", 0.04, 1, (1, 5)),  # bnpo normalizes per micro-batch: equal to ours only for TRL's single batch
+]
+
+
+@pytest.mark.parametrize("loss_type, beta, grad_accum, micro_batches", MASKED_CASES)
+def test_fully_masked_rows_and_micro_batches_match_trl(masked_setup, loss_type, beta, grad_accum, micro_batches):
+    # TRL's grpo is the mean over ALL rows of the per-row token means (a fully masked row adds 0) and its dr_grpo
+    # divides by B * max_completion_length: the fully masked rows count in S. Our micro-batch losses, summed,
+    # reproduce TRL's loss and gradients for any split into micro-batches.
+    model, inputs = masked_setup
+    assert (inputs["completion_mask"].sum(-1) == 0).sum() == 2
+    kw = {"loss_type": loss_type, "epsilon": 0.2, "epsilon_high": 0.28, "beta": beta}
+    _compare(_run_trl(model, inputs, grad_accum=grad_accum, **kw),
+             _run_ours(model, inputs, grad_accum=grad_accum, micro_batches=micro_batches, **kw))
