@@ -1,7 +1,9 @@
 """Typed recipe schema: dataclass defaults <- recipe YAML <- `a.b=c` command-line overrides.
 
-Unknown keys, wrong types and values outside a field's choices fail in `load_config`, before any compute,
-with a message that names the key and the valid choices.
+Unknown keys, wrong types, values outside a field's choices and numbers outside its declared range (`bounded`:
+every int/float key has one, tests/config/test_schema_ranges.py checks it) fail in `load_config`, before any
+compute, with a message that names the key and what is allowed. Rules that relate several keys or need the process
+count live in reasonrl/trainers/validation.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def choice(default, choices, doc=""):
 
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric key may take: low/high None = unbounded; open ends exclude the bound itself."""
+    """The values a numeric key may take: finite numbers between low and high (None: unbounded on that side); open
+    ends exclude the bound itself. NaN and +-inf are in no range (a switch that turns a term off is null or 0)."""
 
     low: float | None = None
     high: float | None = None
@@ -35,18 +38,22 @@ class Range:
     high_open: bool = False
 
     def __contains__(self, value) -> bool:
-        if math.isnan(value):  # NaN is in no range
+        if not math.isfinite(value):
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
 
     def __str__(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        low = "-inf" if self.low is None else _number(self.low)
+        high = "inf" if self.high is None else _number(self.high)
         opening = "(" if self.low_open or self.low is None else "["
         closing = ")" if self.high_open or self.high is None else "]"
         return f"{opening}{low}, {high}{closing}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def bounded(default, low=None, high=None, *, low_open=False, high_open=False, doc=""):
@@ -60,9 +67,9 @@ class LoraConfig:
     """LoRA adapters (peft): only they train and are checkpointed; the KL reference is the base model."""
 
     enabled: bool = False
-    r: int = 16  # rank
-    alpha: int = 32  # the update is scaled by alpha / r
-    dropout: float = 0.0
+    r: int = bounded(16, 1, doc="rank")
+    alpha: int = bounded(32, 1, doc="the update is scaled by alpha / r")
+    dropout: float = bounded(0.0, 0, 1, high_open=True, doc="dropout on the adapters' input")
     # module names (suffixes) that get adapters; [all-linear]: every linear layer but the LM head
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,23 +82,25 @@ class SparseAttentionSettings:
     model.attn_implementation=reasonrl_sparse. Sequences shorter than dense_below run ordinary dense attention."""
 
     impl: str = choice("auto", ["auto", "reference", "triton", "dense"], "auto: triton on CUDA, reference on CPU")
-    dense_below: int = 4096
-    blockwise_above: int = 2048  # the reference computes only the kept keys per query block beyond this length
-    block_size: int = 128  # tile size G of the block-sparse layout
-    last_q: int = 64  # queries that score the keys
+    dense_below: int = bounded(4096, 0, doc="sequences shorter than this run dense attention (0: none do)")
+    blockwise_above: int = bounded(
+        2048, 0, doc="the reference computes only the kept keys per query block beyond this length")
+    block_size: int = bounded(128, 1, doc="tile size G of the block-sparse layout (triton: a power of two >= 16)")
+    last_q: int = bounded(64, 1, doc="queries that score the keys")
     mode: str = choice("topk", ["topk", "mass"])
-    vertical_size: int = 1000  # topk: columns kept per head (sink columns forced in)
-    slash_size: int = 6096  # topk: diagonals kept per head (the local window forced in)
-    sink: int = 30
-    local_window: int = 100
-    mass: float = 0.9  # mass: keep the fewest columns / diagonals holding this share of the scores
-    max_vertical: int = 4096
-    max_slash: int = 4096
+    vertical_size: int = bounded(1000, 0, doc="topk: columns kept per head (sink columns forced in)")
+    slash_size: int = bounded(6096, 0, doc="topk: diagonals kept per head (the local window forced in)")
+    sink: int = bounded(30, 0, doc="topk: first columns always kept (at most vertical_size)")
+    local_window: int = bounded(100, 0, doc="topk: nearest diagonals always kept (at most slash_size)")
+    mass: float = bounded(
+        0.9, 0, 1, low_open=True, doc="mass: keep the fewest columns / diagonals holding this share of the scores")
+    max_vertical: int = bounded(4096, 1, doc="mass: at most this many columns per head")
+    max_slash: int = bounded(4096, 1, doc="mass: at most this many diagonals per head")
     normalize: str = choice("softmax", ["softmax", "logits"], "score probabilities, or raw logits (released code)")
-    # ranks one sequence is split across (striped sparse ring attention); 1 = no sequence parallelism
-    sequence_parallel: int = 1
+    sequence_parallel: int = bounded(
+        1, 1, doc="ranks one sequence is split across (striped sparse ring attention); 1 = no sequence parallelism")
     ring: str = choice("stripe", ["stripe", "hierarchical"], "flat ring, or intra-node ring inside an inter-node ring")
-    local_world_size: int | None = None  # hierarchical: ranks per node (null: LOCAL_WORLD_SIZE)
+    local_world_size: int | None = bounded(None, 1, doc="hierarchical: ranks per node (null: LOCAL_WORLD_SIZE)")
 
 
 @dataclass
@@ -117,11 +126,11 @@ class DataConfig:
     question_key: str = "question"
     answer_key: str = "answer"
     answer_mode: str = choice("hash", ["hash", "raw"])
-    digits: int = 2
+    digits: int = bounded(2, 1, doc="arithmetic: digits per operand")
     operators: str = "+-*"
-    num_train: int = 2000  # rows used for training (<= 0: all rows of a file)
-    num_eval: int = 200
-    seed: int = 0
+    num_train: int = bounded(2000, 0, doc="rows used for training (0: all rows of a file)")
+    num_eval: int = bounded(200, 0, doc="held-out rows evaluated (0: no evaluation)")
+    seed: int = bounded(0, 0, doc="seed of the arithmetic problems")
     template: str = "What is {question}? Put the final answer after '####'."
     # further fields of each file/hub row handed to the reward functions (e.g. [ref_length] for DRQA)
     extra_columns: list[str] = field(default_factory=list)
@@ -130,51 +139,51 @@ class DataConfig:
 @dataclass
 class RewardSpec:
     name: str = "accuracy"  # registry name or module:function
-    weight: float = 1.0
+    weight: float = bounded(1.0, doc="this reward's share of the total (any finite number: < 0 penalizes, 0 logs)")
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments, e.g. {mode: boxed}
 
 
 @dataclass
 class RolloutConfig:
     engine: str = choice("hf", ["hf", "vllm", "server"])
-    group_size: int = 8
-    prompts_per_step: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    group_size: int = bounded(8, 2, doc="samples per prompt (group-relative advantages need at least 2)")
+    prompts_per_step: int = bounded(8, 1, doc="prompts per step, over all processes (a multiple of their number)")
+    max_new_tokens: int = bounded(64, 1, doc="generation limit per completion")
+    temperature: float = bounded(1.0, 0, low_open=True, doc="sampling temperature (training samples need > 0)")
+    top_p: float = bounded(1.0, 0, 1, low_open=True, doc="nucleus sampling mass (1: off)")
+    top_k: int = bounded(0, 0, doc="sample among the k most likely tokens (0: off)")
     stop: list[str] = field(default_factory=list)  # stop strings (kept in the completion, like EOS)
-    batch_size: int = 64  # sequences generated together by the hf engine
+    batch_size: int = bounded(64, 1, doc="sequences generated together by the hf engine")
     # Importance-sampling correction for the engine/trainer mismatch (reasonrl/rl/importance.py);
     # null (auto): on for the vllm and server engines, off for hf (which samples with the trainer's own weights).
     is_correction: bool | None = None
     is_level: str = choice("token", ["token", "sequence"])
     is_mode: str = choice("truncate", ["truncate", "mask"])
-    is_cap: float = 2.0
-    is_floor: float = 0.0
+    is_cap: float = bounded(2.0, 1, doc="largest importance weight kept (truncate: clamped to it; mask: above it, 0)")
+    is_floor: float = bounded(0.0, 0, 1, doc="is_mode=mask: weights below this are set to 0")
     # engine=vllm: vLLM's KV-cache size, as a share of device memory (on CPU: of the NUMA node's RAM; null: 0.3 on
     # CPU, 0.5 on GPU) or in bytes (takes precedence).
-    vllm_gpu_memory_utilization: float | None = None
-    vllm_kv_cache_bytes: int | None = None
+    vllm_gpu_memory_utilization: float | None = bounded(None, 0, 1, low_open=True, doc="share of device memory")
+    vllm_kv_cache_bytes: int | None = bounded(None, 2**20, doc="KV-cache bytes (takes precedence; at least 1 MiB)")
     # engine=vllm: torch.compile the model (vLLM's enforce_eager=False). Faster decoding, but a one-off compile at
     # start-up (about 2-3 min for SmolLM2 on 2 CPU cores): worth it for long runs (docs/rollout.md).
     vllm_compile: bool = False
     # engine=vllm: tokens per KV-cache block (null: 32 on CPU, where vLLM's 128 would keep the samples of a prompt
     # from sharing its prefix cache; vLLM's own choice on GPU).
-    vllm_block_size: int | None = None
+    vllm_block_size: int | None = bounded(None, 16, doc="tokens per KV-cache block (a multiple of 16)")
     # engine=vllm: sequences decoded together (null: on CPU the step's whole rollout batch, prompts_per_step x
     # group_size, at least vLLM's CPU default of 256, so that no second wave decodes behind the first; vLLM's own
     # default on GPU).
-    vllm_max_num_seqs: int | None = None
+    vllm_max_num_seqs: int | None = bounded(None, 1, doc="sequences decoded together")
     # engine=server: a `reasonrl serve` process; the trainer hosts the gloo group for weight pushes at weight_host
     # (null: the address this machine uses to reach the server).
     server_url: str = "http://127.0.0.1:8000"
-    server_timeout_s: float = 600.0
+    server_timeout_s: float = bounded(600.0, 1, 1e7, doc="seconds a server request may take")
     weight_host: str | None = None
     # After every `sync_check_every`-th weight sync (0 = never), probe that the engine scores two of the step's
     # sequences like the trainer; raise if the mean |log-prob gap| exceeds sync_check_tol (null: by engine dtype).
-    sync_check_every: int = 1
-    sync_check_tol: float | None = None
+    sync_check_every: int = bounded(1, 0, doc="probe every this many weight syncs (0: never)")
+    sync_check_tol: float | None = bounded(None, 0, low_open=True, doc="largest mean |log-prob gap| accepted")
 
 
 @dataclass
@@ -182,7 +191,7 @@ class DynamicSamplingConfig:
     """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch with new prompts."""
 
     enabled: bool = False
-    max_gen_batches: int = 3  # generation rounds per step, the first included (0 = unlimited)
+    max_gen_batches: int = bounded(3, 0, doc="generation rounds per step, the first included (0 = unlimited)")
     on_shortfall: str = choice("train", ["train", "fail"], "train on the groups found, or raise")
     metric: str = "reward"  # "reward" (weighted total) or the name of one reward function, e.g. accuracy
 
@@ -192,8 +201,9 @@ class OverlongConfig:
     """DAPO soft overlong punishment, added to the reward, and masking of truncated completions."""
 
     penalty: bool = False
-    buffer: int = 8  # the penalty ramps from 0 to -factor over the last `buffer` tokens of max_new_tokens
-    factor: float = 1.0
+    buffer: int = bounded(
+        8, 1, doc="the penalty ramps from 0 to -factor over the last `buffer` tokens of max_new_tokens")
+    factor: float = bounded(1.0, 0, low_open=True, doc="the penalty of a completion that reaches max_new_tokens")
     mask_truncated: bool = False  # completions cut by max_new_tokens get no loss (their reward still counts)
 
 
@@ -202,28 +212,37 @@ class HapoConfig:
     """HAPO's token-level parts (algorithms.md 1); token-level group-average advantages: algorithm.advantage=hapo."""
 
     sign_mode: str = choice("paper", ["paper", "released_code"])
-    entropy_pivot: float = 0.8
+    # quantile of the log-entropies that splits low from high entropy (at 0 or 1 one side would be empty)
+    entropy_pivot: float = bounded(0.8, 0, 1, low_open=True, high_open=True, doc="entropy quantile of the pivot")
     adaptive_temperature: bool = False
-    temperature_tau: float = 0.05
+    # T_t = T0 (1 + tau h), h in [-1, 1]: tau < 1 keeps every temperature > 0
+    temperature_tau: float = bounded(0.05, 0, 1, high_open=True, doc="adaptive temperature: T_t = T0 (1 + tau h)")
     adaptive_clip: bool = False
-    clip_alpha: float = 1.0
+    clip_alpha: float = bounded(1.0, 0, doc="adaptive clip: a bound widens by up to (1 + clip_alpha)")
     redistribution: bool = False
-    adv_beta: float = 1.0
-    fallback_threshold: float = 5.0  # |A| at which a group falls back to the GRPO advantage
+    # A (1 + beta h) with h down to -1 (paper sign): beta > 1 would flip the advantage of low-entropy tokens
+    adv_beta: float = bounded(1.0, 0, 1, doc="advantage redistribution: A (1 + adv_beta h)")
+    fallback_threshold: float | None = bounded(
+        5.0, 0, low_open=True, doc="|A| at which a group falls back to the GRPO advantage (null: never)")
 
 
 @dataclass
 class D3SConfig:
-    """D3S down-sampling; a keep fraction of 1.0 turns its level off."""
+    """D3S down-sampling; a keep fraction of 1.0 turns its level off. Both levels' fractions move from their start
+    to the shared keep_end over the ramp (reasonrl/trainers/prepare.py: d3s_keep_fractions)."""
 
-    sample_keep_start: float = 1.0  # fraction of rollouts kept at step 0 (maximum advantage variance)
+    sample_keep_start: float = bounded(
+        1.0, 0, 1, low_open=True, doc="fraction of rollouts kept at step 0 (maximum advantage variance)")
     sample_scope: str = choice("intra", ["intra", "cross"])
-    token_keep_start: float = 1.0  # fraction of tokens kept at step 0 (largest |A| x entropy)
+    token_keep_start: float = bounded(
+        1.0, 0, 1, low_open=True, doc="fraction of tokens kept at step 0 (largest |A| x entropy)")
     token_scope: str = choice("batch", ["batch", "sequence"])
-    keep_end: float = 1.0
+    keep_end: float = bounded(
+        1.0, 0, 1, low_open=True, doc="fraction both levels keep at the end of the ramp (>= both starts)")
     schedule: str = choice("linear", ["linear", "cosine", "step"])
-    ramp_fraction: float = 0.5  # both fractions reach keep_end at ramp_fraction * trainer.steps
-    min_keep: int = 2
+    ramp_fraction: float = bounded(
+        0.5, 0, 1, low_open=True, doc="both fractions reach keep_end at ramp_fraction * trainer.steps")
+    min_keep: int = bounded(2, 1, doc="rollouts kept at least, per group (intra) or per batch (cross)")
 
 
 @dataclass
@@ -239,34 +258,38 @@ class RmtConfig:
     """RMT token curriculum and dual loss (algorithms.md 3.2, 3.3); the budget is the rmt_budget reward shaper."""
 
     curriculum: bool = False  # RL on a share of the completion tokens, moving from low to high entropy
-    token_fraction: float = 0.5
-    target_start: float = 0.2  # entropy quantile the selection centres on at step 0 ...
-    target_end: float = 0.9  # ... and at the last step
-    width: float = 0.15
-    rl_weight: float = 1.0
-    ntp_weight_start: float = 0.0  # next-token prediction on every token of the chosen completions (0: off)
-    ntp_weight_end: float = 0.0
+    token_fraction: float = bounded(0.5, 0, 1, low_open=True, doc="curriculum: share of the tokens RL trains on")
+    target_start: float = bounded(0.2, 0, 1, doc="entropy quantile the selection centres on at step 0 ...")
+    target_end: float = bounded(0.9, 0, 1, doc="... and at the last step")
+    width: float = bounded(0.15, 0, low_open=True, doc="width of the selection around the target quantile")
+    rl_weight: float = bounded(1.0, 0, doc="weight of the RL loss in the dual loss")
+    ntp_weight_start: float = bounded(
+        0.0, 0, doc="next-token prediction on every token of the chosen completions at step 0 (0: off) ...")
+    ntp_weight_end: float = bounded(0.0, 0, doc="... and at the last step")
     ntp_rows: str = choice("correct", ["correct", "all"], "completions the NTP term reads")
 
 
 @dataclass
 class AlgorithmConfig:
     advantage: str = choice("grpo", ["grpo", "dr_grpo", "rloo", "hapo"])
-    std_eps: float = 1e-4
+    # a guard against a zero std; above 1 it would dominate the std of rewards in [0, 1] and shrink every advantage
+    std_eps: float = bounded(1e-4, 0, 1, low_open=True, doc="added to the reward std that divides the advantages")
     unbiased_std: bool = True
     scale_rewards: str = choice("group", ["group", "batch", "none"])
     loss_agg: str = choice(
         "token_mean", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "constant"]
     )
-    loss_norm_constant: int | None = None  # for seq_mean_token_sum_norm / constant; default rollout.max_new_tokens
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = None  # c > 1: caps the loss of negative-advantage tokens at -A * c
-    kl_coef: float = 0.0
+    loss_norm_constant: int | None = bounded(
+        None, 1, doc="for seq_mean_token_sum_norm / constant; default rollout.max_new_tokens")
+    eps_low: float = bounded(0.2, 0, 1, doc="the ratio is clipped below at 1 - eps_low (1: no lower clip)")
+    eps_high: float = bounded(0.28, 0, doc="the ratio is clipped above at 1 + eps_high")
+    dual_clip: float | None = bounded(
+        None, 1, low_open=True, doc="c > 1: caps the loss of negative-advantage tokens at -A * c (null: off)")
+    kl_coef: float = bounded(0.0, 0, doc="weight of the KL to the reference model (0: off, no reference loaded)")
     kl_estimator: str = choice("k3", ["k1", "k2", "k3"])
     kl_in: str = choice("loss", ["loss", "reward"])
-    entropy_coef: float = 0.0
-    num_iterations: int = 1
+    entropy_coef: float = bounded(0.0, doc="entropy bonus in the loss (< 0: entropy minimization)")
+    num_iterations: int = bounded(1, 1, doc="optimizer steps per rollout batch")
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     hapo: HapoConfig = field(default_factory=HapoConfig)
@@ -279,56 +302,59 @@ class AlgorithmConfig:
 class PowerConfig:
     """Power scheduler (algorithms.md 6): lr = min(optim.lr, batch * a * tokens^b), from the tokens trained on."""
 
-    a: float | None = None  # None: solved so that the power law equals optim.lr at ref_tokens
-    b: float = -0.51
-    ref_tokens: int = 100_000
-    warmup_tokens: int = 0
-    decay_tokens: int = 0
-    total_tokens: int | None = None  # needed when decay_tokens > 0
+    a: float | None = bounded(
+        None, 0, low_open=True, doc="null: solved so that the power law equals optim.lr at ref_tokens")
+    b: float = bounded(-0.51, high=0, doc="exponent of the power law (<= 0: the lr does not grow)")
+    ref_tokens: int = bounded(100_000, 1, doc="tokens at which the power law equals optim.lr (a = null)")
+    warmup_tokens: int = bounded(0, 0, doc="linear warmup over this many tokens")
+    decay_tokens: int = bounded(0, 0, doc="decay over the last decay_tokens of total_tokens (0: none)")
+    total_tokens: int | None = bounded(None, 1, doc="tokens of the whole run; needed when decay_tokens > 0")
     decay: str = choice("exponential", ["exponential", "linear", "cosine"])
-    final_factor: float = 0.0
+    final_factor: float = bounded(0.0, 0, 1, doc="the decay ends at final_factor times its start lr")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
+    lr: float = bounded(1e-5, 0, 1, low_open=True, doc="AdamW learning rate (power schedule: its maximum)")
+    weight_decay: float = bounded(0.0, 0, doc="AdamW decoupled weight decay (lr * weight_decay < 1)")
+    max_grad_norm: float = bounded(1.0, 0, low_open=True, doc="gradients are clipped to this global norm")
+    warmup_steps: int = bounded(0, 0, doc="linear warmup over the first warmup_steps steps")
     schedule: str = choice("constant", ["constant", "cosine", "wsd", "power"])
-    decay_steps: int = 0  # wsd: the last decay_steps steps decay to final_factor
+    decay_steps: int = bounded(0, 0, doc="wsd: the last decay_steps steps decay to final_factor")
     decay: str = choice("exponential", ["exponential", "linear", "cosine"])  # wsd decay shape
-    final_factor: float = 0.0  # wsd
+    final_factor: float = bounded(0.0, 0, 1, doc="wsd: the lr ends at final_factor * lr")
     power: PowerConfig = field(default_factory=PowerConfig)
-    micro_batch_size: int = 16
+    micro_batch_size: int = bounded(16, 1, doc="rows per forward/backward")
     # model-input tokens (prompt + completion, summed over rows when packed, rows x longest otherwise) per
     # micro-batch; when set, micro-batches are formed by this budget instead of micro_batch_size rows
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | None = bounded(None, 1, doc="token budget per micro-batch (null: micro_batch_size)")
     packing: bool = False  # padding-free training forward: a micro-batch's sequences concatenated into one row
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 20
+    steps: int = bounded(20, 1, doc="training steps")
     output_dir: str = "runs/default"
-    save_every: int = 10
-    keep_last: int = 2
-    eval_every: int = 10  # 0: evaluate only at the start and the end
+    save_every: int = bounded(10, 0, doc="checkpoint every this many steps (0: only at the end)")
+    keep_last: int = bounded(2, 0, doc="checkpoints kept (0: all)")
+    eval_every: int = bounded(10, 0, doc="evaluate every this many steps (0: only at the start and the end)")
     eval_at_start: bool = True
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = bounded(128, 1, doc="generation limit of the greedy evaluation")
     resume: str = choice("none", ["none", "auto"])
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**32 - 1, doc="seed of sampling and initialization (numpy takes 32 bits)")
     strict_rewards: bool = False
+    max_failed_reward_steps: int = bounded(
+        2, 1, doc="a reward that fails for every sample of a step on this many consecutive steps stops the run")
     # every collective (gradient reduction, gathers) fails after this long instead of hanging: a process that died
     # or stalls stops the whole job with an error naming the collective
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: float = bounded(1800.0, 1, 1e7, doc="seconds a collective may wait")
 
 
 @dataclass
 class LoggingConfig:
     wandb_mode: str = choice("offline", ["offline", "online", "disabled"])
     project: str = "reasonrl"
-    sample_table_every: int = 10
+    sample_table_every: int = bounded(10, 1, doc="log sample completions every this many steps (and at step 1)")
 
 
 @dataclass

@@ -38,7 +38,8 @@ def _file_split(cfg) -> tuple[list[dict], list[dict]]:
     else:  # hold out the last num_eval rows of the file
         if len(rows) <= cfg.num_eval:
             raise DataError(f"{cfg.path} has {len(rows)} rows: too few to hold out data.num_eval={cfg.num_eval}")
-        train, eval_rows = rows[: -cfg.num_eval], rows[-cfg.num_eval :]
+        split = len(rows) - cfg.num_eval  # (not rows[:-n]: n = 0 would leave no training rows)
+        train, eval_rows = rows[:split], rows[split:]
     return train[: cfg.num_train] if cfg.num_train > 0 else train, eval_rows[: cfg.num_eval]
 
 

@@ -1,9 +1,12 @@
 """Recipe checks that relate several keys or need the process count; all run before any model is loaded.
 
-Single-key ranges and choices live in the schema (reasonrl/config.py) and are checked by `load_config`.
+Single-key ranges and choices live in the schema (reasonrl/config.py) and are checked by `load_config`; a rule lives
+in one place. Every message names the keys it relates.
 """
 
 from __future__ import annotations
+
+import math
 
 from reasonrl.config import ConfigError, RecipeConfig
 from reasonrl.rewards.combine import resolve_reward
@@ -14,40 +17,23 @@ def validate(config: RecipeConfig, world_size: int) -> None:
     """Checks that need the process count or relate several keys; all before any model is loaded."""
     r = config.rollout
     sp = config.model.sparse_attention.sequence_parallel
-    if sp < 1 or world_size % sp:
+    if world_size % sp:
         raise ConfigError(f"model.sparse_attention.sequence_parallel={sp} must divide the number of processes "
                           f"({world_size})")
     if sp > 1:
         _validate_sequence_parallel(config)
         world_size //= sp  # data-parallel groups: each splits its sequences over sp ranks
-    if r.group_size < 2:
-        raise ConfigError(f"rollout.group_size={r.group_size}: GRPO needs at least 2 samples per prompt")
-    if r.prompts_per_step < 1 or r.prompts_per_step % world_size:
+    if r.prompts_per_step % world_size:
         raise ConfigError(
             f"rollout.prompts_per_step={r.prompts_per_step} must be a positive multiple of the "
             f"number of processes ({world_size})"
         )
-    if r.max_new_tokens < 1 or config.trainer.eval_max_new_tokens < 1:
-        raise ConfigError("rollout.max_new_tokens and trainer.eval_max_new_tokens must be >= 1")
-    if r.is_cap < 1 or not 0 <= r.is_floor <= 1:
-        raise ConfigError(f"rollout.is_cap={r.is_cap} must be >= 1 and rollout.is_floor={r.is_floor} in [0, 1]")
-    if r.sync_check_every < 0 or (r.sync_check_tol is not None and not r.sync_check_tol > 0):
-        raise ConfigError(f"rollout.sync_check_every={r.sync_check_every} must be >= 0 and rollout.sync_check_tol="
-                          f"{r.sync_check_tol} positive (or null)")
-    if r.server_timeout_s <= 0:
-        raise ConfigError(f"rollout.server_timeout_s={r.server_timeout_s} must be positive")
-    if r.vllm_max_num_seqs is not None and r.vllm_max_num_seqs < 1:
-        raise ConfigError(f"rollout.vllm_max_num_seqs={r.vllm_max_num_seqs} must be >= 1 (or null)")
-    if r.vllm_block_size is not None and (r.vllm_block_size < 1 or r.vllm_block_size % 16):
+    if r.vllm_block_size is not None and r.vllm_block_size % 16:
         raise ConfigError(f"rollout.vllm_block_size={r.vllm_block_size} must be a positive multiple of 16 (on CPU "
                           "of 32, vLLM's CPU attention needs it), or null for the engine's default")
-    if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature={r.temperature}: sampling for training needs a temperature > 0")
-    if config.optim.micro_batch_size < 1 or config.algorithm.num_iterations < 1 or config.trainer.steps < 1:
-        raise ConfigError("optim.micro_batch_size, algorithm.num_iterations and trainer.steps must be >= 1")
-    if config.optim.micro_batch_tokens is not None and config.optim.micro_batch_tokens < 1:
-        raise ConfigError(f"optim.micro_batch_tokens={config.optim.micro_batch_tokens} must be >= 1 (or null: "
-                          "micro-batches of optim.micro_batch_size rows)")
+    if r.is_floor > 0 and r.is_mode != "mask":
+        raise ConfigError(f"rollout.is_floor={r.is_floor} is used by rollout.is_mode=mask only (is_mode="
+                          f"{r.is_mode} truncates at rollout.is_cap): set is_mode=mask or is_floor=0")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
     build_reward_shapers(config)  # unknown shapers or arguments fail here, before any model is loaded
@@ -56,18 +42,47 @@ def validate(config: RecipeConfig, world_size: int) -> None:
             resolve_reward(spec.name)
         except ValueError as err:
             raise ConfigError(f"rewards: {err}") from err
+    _validate_reward_weights(config)
+    validate_data(config)
     validate_algorithm(config)
+    validate_optim(config)
+    validate_sparse_attention(config)
     validate_lora(config.model.lora)
+
+
+def needs_entropy(config: RecipeConfig) -> bool:
+    """Whether a component reads the token entropies of the policy that sampled the batch: HAPO's adaptive
+    temperature, adaptive clip or advantage redistribution, D3S's token level at any step (its keep fraction moves
+    from token_keep_start to keep_end, see prepare.d3s_keep_fractions), or the RMT curriculum. (entropy_coef reads
+    the training forward's own entropy, not these.)"""
+    a = config.algorithm
+    h, d = a.hapo, a.d3s
+    hapo = h.adaptive_temperature or h.adaptive_clip or h.redistribution
+    return hapo or a.rmt.curriculum or d.token_keep_start < 1 or d.keep_end < 1
+
+
+def _validate_reward_weights(config: RecipeConfig) -> None:
+    a = config.algorithm
+    shaped = bool(a.reward_shapers) or a.overlong.penalty or (a.kl_in == "reward" and a.kl_coef > 0)
+    ntp = max(a.rmt.ntp_weight_start, a.rmt.ntp_weight_end) > 0
+    if all(spec.weight == 0 for spec in config.rewards) and not shaped and not ntp:
+        zeros = ", ".join(f"rewards[{i}].weight=0 ({spec.name})" for i, spec in enumerate(config.rewards))
+        raise ConfigError(f"every reward weight is 0 ({zeros}), so every reward and advantage is 0 and nothing "
+                          "trains: give one reward a non-zero weight")
+
+
+def validate_data(config: RecipeConfig) -> None:
+    d = config.data
+    if d.source == "arithmetic" and d.num_train < 1:
+        raise ConfigError(f"data.num_train={d.num_train} means 'every row of a file', but data.source=arithmetic "
+                          "generates its rows: set data.num_train >= 1")
 
 
 def validate_algorithm(config: RecipeConfig) -> None:
     a, r = config.algorithm, config.rollout
-    if a.eps_low < 0 or a.eps_high < 0:
-        raise ConfigError(f"algorithm.eps_low/eps_high must be >= 0, got {a.eps_low}, {a.eps_high}")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to turn it off)")
-    if a.loss_norm_constant is not None and a.loss_norm_constant < 1:
-        raise ConfigError(f"algorithm.loss_norm_constant={a.loss_norm_constant} must be >= 1")
+    if a.loss_norm_constant is not None and a.loss_agg not in ("seq_mean_token_sum_norm", "constant"):
+        raise ConfigError(f"algorithm.loss_norm_constant={a.loss_norm_constant} is used by algorithm.loss_agg="
+                          f"seq_mean_token_sum_norm or constant only (loss_agg={a.loss_agg}): set it to null")
     if a.advantage == "hapo" and a.scale_rewards == "batch":
         raise ConfigError("algorithm.advantage=hapo normalizes per group: use scale_rewards=group or none")
     if a.kl_in == "reward" and a.kl_coef <= 0:
@@ -76,38 +91,99 @@ def validate_algorithm(config: RecipeConfig) -> None:
     names = [spec.name for spec in config.rewards]
     if ds.enabled and ds.metric != "reward" and ds.metric not in names:
         raise ConfigError(f"algorithm.dynamic_sampling.metric={ds.metric!r}: use 'reward' or one of {names}")
-    if ds.max_gen_batches < 0:
-        raise ConfigError("algorithm.dynamic_sampling.max_gen_batches must be >= 0 (0 = unlimited)")
-    if a.overlong.penalty and not 0 < a.overlong.buffer <= r.max_new_tokens:
-        raise ConfigError(f"algorithm.overlong.buffer={a.overlong.buffer} must be in (0, rollout.max_new_tokens]")
-    h = a.hapo
-    if not 0 <= h.temperature_tau < 1:
-        raise ConfigError(f"algorithm.hapo.temperature_tau={h.temperature_tau} must be in [0, 1)")
-    if not 0 < h.entropy_pivot < 1:
-        raise ConfigError(f"algorithm.hapo.entropy_pivot={h.entropy_pivot} must be in (0, 1)")
-    d = a.d3s
-    for key in ("sample_keep_start", "token_keep_start", "keep_end", "ramp_fraction"):
-        if not 0 < getattr(d, key) <= 1:
-            raise ConfigError(f"algorithm.d3s.{key}={getattr(d, key)} must be in (0, 1]")
-    if d.min_keep < 1:
-        raise ConfigError("algorithm.d3s.min_keep must be >= 1")
-    o = config.optim
-    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > config.trainer.steps:
-        raise ConfigError("optim.warmup_steps + optim.decay_steps must not exceed trainer.steps for schedule=wsd")
+    if a.overlong.penalty and a.overlong.buffer > r.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong.buffer={a.overlong.buffer} must be in (0, rollout.max_new_tokens="
+                          f"{r.max_new_tokens}]")
+    _validate_d3s(config)
+    _validate_rmt(config)
+
+
+def _validate_d3s(config: RecipeConfig) -> None:
+    d, r, steps = config.algorithm.d3s, config.rollout, config.trainer.steps
+    for key, level in (("sample_keep_start", "rollout"), ("token_keep_start", "token")):
+        start = getattr(d, key)
+        if d.keep_end < start:
+            mid_run = " (at 1.0 that level is off, so it would switch on mid-run)" if start == 1 else ""
+            raise ConfigError(
+                f"algorithm.d3s.keep_end={d.keep_end} is below algorithm.d3s.{key}={start}: both levels move from "
+                f"their start to the shared keep_end, so the {level} keep fraction would shrink over training"
+                f"{mid_run}. D3S relaxes: keep_end >= sample_keep_start and token_keep_start (all 1.0: off)")
+    ramps = min(d.sample_keep_start, d.token_keep_start) < d.keep_end
+    jump = math.ceil(d.ramp_fraction * steps)  # the first step with step >= ramp_fraction * steps
+    if d.schedule == "step" and ramps and steps > 1 and jump > steps - 1:
+        raise ConfigError(
+            f"algorithm.d3s.schedule=step jumps to algorithm.d3s.keep_end at step ceil(algorithm.d3s.ramp_fraction x "
+            f"trainer.steps) = {jump}, after the last step ({steps - 1}): lower ramp_fraction")
+    if d.sample_keep_start < 1 or d.keep_end < 1:  # the rollout level is on at some step
+        intra = d.sample_scope == "intra"
+        width = r.group_size if intra else r.group_size * r.prompts_per_step
+        if d.min_keep >= width:
+            rows = f"rollout.group_size={r.group_size}" if intra else f"the {width} rollouts of a step"
+            raise ConfigError(
+                f"algorithm.d3s.min_keep={d.min_keep} is not below {rows} (sample_scope={d.sample_scope}): the "
+                "rollout level would keep every rollout")
+
+
+def _validate_rmt(config: RecipeConfig) -> None:
+    m = config.algorithm.rmt
+    if m.rl_weight == 0 and min(m.ntp_weight_start, m.ntp_weight_end) == 0:
+        raise ConfigError(
+            f"algorithm.rmt.rl_weight=0 leaves only the NTP term, but algorithm.rmt.ntp_weight_start="
+            f"{m.ntp_weight_start} / algorithm.rmt.ntp_weight_end={m.ntp_weight_end} reach 0, so some steps would have no "
+            "loss")
+
+
+def validate_optim(config: RecipeConfig) -> None:
+    o, steps = config.optim, config.trainer.steps
+    if o.lr * o.weight_decay >= 1:
+        raise ConfigError(f"optim.lr x optim.weight_decay = {o.lr} x {o.weight_decay} >= 1: AdamW's decoupled decay "
+                          "(w <- w (1 - lr wd)) would zero or flip every weight")
+    if o.schedule != "wsd" and o.decay_steps:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} is used by optim.schedule=wsd only (schedule="
+                          f"{o.schedule})")
+    if o.schedule != "wsd" and o.final_factor:
+        raise ConfigError(f"optim.final_factor={o.final_factor} is used by optim.schedule=wsd only (schedule="
+                          f"{o.schedule}; the power schedule has optim.power.final_factor)")
+    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > steps:
+        raise ConfigError(f"optim.warmup_steps + optim.decay_steps ({o.warmup_steps} + {o.decay_steps}) must not "
+                          f"exceed trainer.steps ({steps}) for schedule=wsd")
+    if o.schedule in ("constant", "cosine") and o.warmup_steps > steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds trainer.steps={steps}: the lr would never "
+                          "reach optim.lr")
     if o.schedule == "power":
-        if o.power.b > 0:
-            raise ConfigError(f"optim.power.b={o.power.b} must be <= 0")
-        if o.power.decay_tokens > 0 and o.power.total_tokens is None:
+        p = o.power
+        if o.warmup_steps:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is not used by optim.schedule=power: it warms up "
+                              "over optim.power.warmup_tokens")
+        if p.decay_tokens > 0 and p.total_tokens is None:
             raise ConfigError("optim.power.decay_tokens > 0 needs optim.power.total_tokens")
+        if p.decay_tokens > 0 and p.total_tokens - p.decay_tokens < p.warmup_tokens:
+            raise ConfigError(
+                f"optim.power.decay_tokens={p.decay_tokens} overlaps the warmup: optim.power.total_tokens - "
+                f"decay_tokens ({p.total_tokens} - {p.decay_tokens}) < optim.power.warmup_tokens ({p.warmup_tokens})")
+
+
+def validate_sparse_attention(config: RecipeConfig) -> None:
+    s = config.model.sparse_attention
+    if config.model.attn_implementation != "reasonrl_sparse":
+        return
+    g = s.block_size
+    if s.impl == "triton" and (g < 16 or g & (g - 1)):
+        raise ConfigError(f"model.sparse_attention.block_size={g}: impl=triton needs a power of two >= 16")
+    if s.mode == "topk" and s.sink > s.vertical_size:
+        raise ConfigError(f"model.sparse_attention.sink={s.sink} exceeds model.sparse_attention.vertical_size="
+                          f"{s.vertical_size}: the forced sink columns would not all be kept")
+    if s.mode == "topk" and s.local_window > s.slash_size:
+        raise ConfigError(f"model.sparse_attention.local_window={s.local_window} exceeds "
+                          f"model.sparse_attention.slash_size={s.slash_size}: the forced local diagonals would not "
+                          "all be kept")
+    lws = s.local_world_size
+    if s.ring == "hierarchical" and lws is not None and s.sequence_parallel > 1 and s.sequence_parallel % lws:
+        raise ConfigError(f"model.sparse_attention.local_world_size={lws} must divide "
+                          f"model.sparse_attention.sequence_parallel={s.sequence_parallel}")
 
 
 def validate_lora(spec) -> None:
-    if spec.r < 1:
-        raise ConfigError(f"model.lora.r={spec.r} must be >= 1")
-    if spec.alpha <= 0:
-        raise ConfigError(f"model.lora.alpha={spec.alpha} must be > 0")
-    if not 0 <= spec.dropout < 1:
-        raise ConfigError(f"model.lora.dropout={spec.dropout} must be in [0, 1)")
     if not spec.target_modules:
         raise ConfigError("model.lora.target_modules must name at least one module (or be [all-linear])")
 

@@ -22,6 +22,9 @@ def test_jsonl_holds_out_the_last_rows_or_uses_eval_path(tmp_path):
     cfg.eval_path = str(path)
     train, eval_rows = load_task_rows(cfg)
     assert len(train) == 10 and [r["answer"] for r in eval_rows] == ["0", "1", "2"]
+    cfg.eval_path, cfg.num_eval = None, 0  # no held-out rows: every row trains (rows[:-0] would be none)
+    train, eval_rows = load_task_rows(cfg)
+    assert len(train) == 10 and eval_rows == []
 
 
 def test_file_sources_need_a_path():
