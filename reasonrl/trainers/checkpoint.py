@@ -1,24 +1,39 @@
 """Atomic checkpoints: a complete folder appears under its final name or not at all.
 
 Layout of `<output_dir>/checkpoints/step-000010/`:
-  model/            HF folder (config, safetensors, tokenizer): `reasonrl eval` and transformers load it
-  adapter/          instead of model/ with model.lora.enabled: peft adapters only (adapter_config.json,
-                    adapter_model.safetensors) and the tokenizer; the base weights stay those of model.name_or_path
-  trainer_state.pt  optimizer, scheduler, step, data position, tracker state
-  rng_rank{r}.pt    python / torch RNG states of each process
+  model/                 HF folder (config, safetensors, tokenizer): `reasonrl eval` and transformers load it
+  adapter/               instead of model/ with model.lora.enabled: peft adapters only (adapter_config.json,
+                         adapter_model.safetensors) and the tokenizer; the base weights stay those of model.name_or_path
+  trainer_state.json     step, data position, scheduler, eval history, shaper state, optimizer hyper-parameters
+  optimizer.safetensors  the optimizer's per-parameter tensors (AdamW's moments and step counts)
+  rng_rank{r}.json       python / numpy / torch RNG states of each process (CPU, and its CUDA device if it used one)
 `<output_dir>/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically too.
+
+No file of a checkpoint is a pickle, so resuming from a run folder that someone else wrote cannot execute code.
+Checkpoints of earlier versions (`trainer_state.pt`, `rng_rank{r}.pt`: pickles) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step-"
+FORMAT = 2  # 1: the pickled trainer_state.pt / rng_rank{r}.pt of earlier versions
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint this version does not load: the pickle format of earlier versions, or an unknown format."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -36,12 +51,24 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON-ready lists."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_initialized():  # only this rank's device: asking for every device would open a context on each
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def staging_dir(output_dir: str | Path, step: int) -> Path:
@@ -50,11 +77,12 @@ def staging_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def write_rank_files(stage: Path, rank: int) -> None:
-    torch.save(rng_state(), stage / f"rng_rank{rank}.pt")
+    (stage / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
 
 
 def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> None:
-    """Main process only: the HF model folder (a LoRA policy: its adapter folder only) and the trainer state."""
+    """Main process only: the HF model folder (a LoRA policy: its adapter folder only) and the trainer state, whose
+    "optimizer" entry (a torch optimizer state dict) goes to optimizer.safetensors and the rest to JSON."""
     from reasonrl.trainers import lora
 
     if lora.is_lora_model(model):
@@ -64,7 +92,25 @@ def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict, stat
         folder = stage / "model"
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)  # state_dict: gathered ZeRO-3
     tokenizer.save_pretrained(folder)
-    torch.save(trainer_state, stage / "trainer_state.pt")
+    state = {"format": FORMAT, **trainer_state}
+    if state.get("optimizer") is not None:
+        tensors, state["optimizer"] = _split_optimizer_state(state["optimizer"])
+        save_file(tensors, stage / OPTIMIZER_FILE)
+    (stage / STATE_FILE).write_text(json.dumps(state))
+
+
+def _split_optimizer_state(saved: dict) -> tuple[dict, dict]:
+    """(tensors named "<param index>/<key>", the JSON rest) of an optimizer state dict."""
+    tensors = {f"{index}/{key}": value.detach().cpu().contiguous()
+               for index, entry in saved["state"].items() for key, value in entry.items()}
+    keys = {str(index): list(entry) for index, entry in saved["state"].items()}
+    return tensors, {"param_groups": saved["param_groups"], "state_keys": keys}
+
+
+def _join_optimizer_state(rest: dict, tensors: dict) -> dict:
+    # torch matches state entries to parameters by integer index: JSON's string keys would silently drop them
+    state = {int(index): {key: tensors[f"{index}/{key}"] for key in keys} for index, keys in rest["state_keys"].items()}
+    return {"state": state, "param_groups": rest["param_groups"]}
 
 
 def publish(output_dir: str | Path, step: int, keep_last: int) -> Path:
@@ -90,22 +136,40 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
+def _is_complete(ckpt: Path) -> bool:
+    # an old-format checkpoint counts too: resuming it must fail with CheckpointFormatError, not restart from step 0
+    return (ckpt / STATE_FILE).is_file() or (ckpt / LEGACY_STATE_FILE).is_file()
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint named by `latest`, else the newest complete folder, else None."""
     root = checkpoint_root(output_dir)
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if (named / "trainer_state.pt").is_file():
+        if _is_complete(named):
             return named
-    complete = [p for p in list_checkpoints(output_dir) if (p / "trainer_state.pt").is_file()]
+    complete = [p for p in list_checkpoints(output_dir) if _is_complete(p)]
     return complete[-1] if complete else None
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The dict given to `write_main_files` as `trainer_state` (plus "format")."""
+    if not (ckpt / STATE_FILE).is_file():
+        raise CheckpointFormatError(
+            f"{ckpt} is a checkpoint of an earlier reasonrl version ({LEGACY_STATE_FILE}, a pickle, which is not "
+            "loaded because unpickling a file can run arbitrary code); its model/ folder still loads as a model "
+            "(model.name_or_path), but its optimizer and data position cannot be resumed")
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if state.get("format") != FORMAT:
+        raise CheckpointFormatError(f"{ckpt / STATE_FILE} has format {state.get('format')!r}; this version reads "
+                                    f"format {FORMAT}")
+    if state.get("optimizer") is not None:
+        state["optimizer"] = _join_optimizer_state(state["optimizer"], load_file(ckpt / OPTIMIZER_FILE))
+    return state
 
 
 def load_rank_rng(ckpt: Path, rank: int) -> dict | None:
-    path = ckpt / f"rng_rank{rank}.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    """Rank `rank`'s RNG states; None for a rank the saving run did not have (it resumes with more processes)."""
+    path = ckpt / f"rng_rank{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None

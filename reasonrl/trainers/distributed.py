@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -161,19 +162,26 @@ def optimizer_step(acc, model, optimizer, *, max_grad_norm: float) -> float:
     return float(grad_norm)
 
 
-_PEER_FAILURE_MARKS = ("connection reset by peer", "connection closed by peer", "gloo/transport", "timed out",
-                       "nccl", "socket timeout")
+# gloo raises a plain RuntimeError that starts with its source location; a peer that died or stalled shows up in
+# its transport layer as one of these (torch 2.13: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer
+# ...", "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete").
+# An "enforce fail" there is a size mismatch between ranks: a bug that keeps its traceback.
+_GLOO_TRANSPORT = re.compile(r"^\[[^\]]*gloo/transport/[^\]]*\]")
+_GLOO_PEER_LOST = ("connection closed by peer", "connection reset by peer", "read error", "write error",
+                   "read timeout", "write timeout", "connect timeout", "timed out waiting")
 
 
 def is_peer_failure(err: BaseException) -> bool:
-    """Whether `err` came from a collective whose peer died or stalled (torch's DistError, or the RuntimeError that
-    gloo raises when a peer's connection drops or a collective times out)."""
+    """Whether `err` came from a collective whose peer died or stalled: torch's DistError (NCCL and store failures,
+    DistBackendError / DistNetworkError / DistStoreError), or gloo's transport error for a lost or silent peer.
+    Anything else (an HTTP timeout, a shape error) is the process's own error."""
     import torch.distributed as dist
 
     if isinstance(err, dist.DistError):
         return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(mark in text for mark in _PEER_FAILURE_MARKS)
+    text = str(err)
+    return (type(err) is RuntimeError and _GLOO_TRANSPORT.match(text) is not None
+            and any(mark in text.lower() for mark in _GLOO_PEER_LOST))
 
 
 # ---------------------------------------------------------------------------------------- optimizer state

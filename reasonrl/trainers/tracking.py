@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -30,23 +32,28 @@ def format_console(step: int, metrics: dict) -> str:
 
 
 class Tracker:
-    """Only the main process logs; other ranks get a Tracker with `active=False`."""
+    """Only the main process logs; other ranks get a Tracker with `active=False`.
 
-    def __init__(self, *, active: bool, output_dir: str, project: str, mode: str, config: dict, run_name: str):
+    `resume_step`: the step of the checkpoint a resumed run restarts from (None: a fresh run). Steps logged after it
+    by the interrupted run are dropped from metrics.jsonl and rewound in W&B, so each step is recorded once.
+    """
+
+    def __init__(self, *, active: bool, output_dir: str, project: str, mode: str, config: dict, run_name: str,
+                 resume_step: int | None = None):
         self.active = active
         self.run = None
         self.history_path = Path(output_dir) / "metrics.jsonl"
-        if not active or mode == "disabled":
+        if not active:
+            return
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        keep_history_until(self.history_path, resume_step)
+        if mode == "disabled":
             return
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        wandb_dir = Path(output_dir)
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=project, name=run_name, dir=str(wandb_dir), mode=mode, config=config, resume="allow",
-            id=_stable_run_id(wandb_dir),
-        )
+        self.run = _start_wandb_run(wandb, Path(output_dir), resume_step, project=project, name=run_name,
+                                    dir=output_dir, mode=mode, config=config)
 
     def log(self, step: int, metrics: dict, *, console=print) -> None:
         if not self.active:
@@ -73,11 +80,38 @@ class Tracker:
             self.run.finish()
 
 
-def _stable_run_id(run_dir: Path) -> str:
-    """One W&B run id per output folder, so a resumed run continues the same W&B run."""
+def keep_history_until(path: Path, step: int | None) -> None:
+    """Drop the rows of metrics.jsonl after `step` (all of them for None: a fresh run), atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [] if step is None else [line for line in lines if _logged_step(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line. A line that does not parse is the tail of a write cut short by a kill:
+    later than any checkpoint (a step is logged before it is saved), so it counts as infinitely late."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _start_wandb_run(wandb, run_dir: Path, resume_step: int | None, **init_kwargs):
+    """A resumed run rewinds the W&B run of this folder to `resume_step` (`resume_from`: the history after it is
+    dropped and logging continues at resume_step + 1; offline, the rewind is recorded and applied by `wandb sync`).
+    A fresh run, or a rewind the server refuses (rewinding is a W&B preview feature), starts a new W&B run."""
     id_file = run_dir / "wandb_run_id"
-    if id_file.is_file():
-        return id_file.read_text().strip()
+    previous = id_file.read_text().strip() if id_file.is_file() else None
+    if resume_step is not None and previous:
+        try:
+            return wandb.init(resume_from=f"{previous}?_step={resume_step}", **init_kwargs)
+        except wandb.errors.CommError as err:
+            print(f"W&B could not rewind run {previous} to step {resume_step} ({err}); logging to a new W&B run",
+                  file=sys.stderr, flush=True)
     run_id = uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return run_id
+    return wandb.init(id=run_id, **init_kwargs)

@@ -1,8 +1,12 @@
 """Pure parts of reasonrl/trainers/distributed.py: DeepSpeed config checks, bucketing, peer-failure detection."""
 
+import os
+import time
+
 import pytest
 import torch
 
+from reasonrl.rollout.server_engine import ServerUnavailableError
 from reasonrl.trainers.distributed import (
     LaunchConfigError,
     _buckets,
@@ -55,13 +59,65 @@ def test_without_zero3_full_parameters_are_the_parameters_themselves():
     assert all(a is b for (_, a), (_, b) in zip(full_named_parameters(model, 2), model.named_parameters()))
 
 
-def test_peer_failures_are_told_apart_from_other_errors():
-    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9629: "
-                        "Connection reset by peer.")
-    assert is_peer_failure(gloo)
-    assert is_peer_failure(torch.distributed.DistBackendError("NCCL communicator was aborted"))
-    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not is_peer_failure(ValueError("connection reset by peer"))  # only runtime errors of the backends
+_GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                "[127.0.0.1]:17086. This is typically caused by a remote worker crashing.")
+_GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                 "3000ms for recv operation to complete")
+
+
+@pytest.mark.parametrize("err, peer", [
+    (RuntimeError(_GLOO_CLOSED), True),
+    (RuntimeError(_GLOO_TIMEOUT), True),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9629: Connection "
+                  "reset by peer."), True),
+    (torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1"), True),
+    (torch.distributed.DistNetworkError("failed to recv, got 0 bytes"), True),
+    (torch.distributed.DistStoreError("Timed out after 301 seconds waiting for clients. 1/2 clients joined."), True),
+    # not a collective: the process's own errors, even when their text looks like a network failure
+    (ServerUnavailableError("vLLM server at http://127.0.0.1:8000 did not answer POST /generate (timed out)"), False),
+    (RuntimeError("request timed out"), False),
+    (RuntimeError("NCCL is not available in this build"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError(_GLOO_CLOSED), False),
+    (RuntimeError("[enforce fail at ../third_party/gloo/gloo/transport/tcp/pair.cc:446] op.preamble.length <= "
+                  "op.nbytes. 16 vs 8"), False),  # ranks disagree on a tensor's size: a bug, not a dead peer
+    (RuntimeError(f"reward failed: {_GLOO_CLOSED}"), False),  # gloo's text quoted inside another error
+])
+def test_only_collective_failures_count_as_a_dead_peer(err, peer):
+    assert is_peer_failure(err) is peer
+
+
+def _collective_after_peer_leaves(rank: int, port: int, how: str, results) -> None:
+    from datetime import timedelta
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=2))
+    torch.distributed.barrier()
+    if rank == 1:
+        deadline = time.monotonic() + 30
+        while how == "stalls" and "error" not in results and time.monotonic() < deadline:
+            time.sleep(0.05)  # alive but silent until rank 0's collective has timed out
+        os._exit(0)  # no teardown, like a killed process
+    try:
+        torch.distributed.all_reduce(torch.ones(2))
+    except RuntimeError as err:
+        results["error"] = (is_peer_failure(err), str(err).splitlines()[0])
+    os._exit(0)
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_the_error_of_a_real_gloo_collective_whose_peer_dies_or_stalls_counts(how, free_port):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    # fork: spawned children would import torch and accelerate again, 12 s per case on 2 cores
+    context = mp.start_processes(_collective_after_peer_leaves, args=(free_port(), how, results), nprocs=2,
+                                 join=False, start_method="fork")
+    for proc in context.processes:
+        proc.join(timeout=60)
+    assert "error" in results, "rank 0's collective did not fail"
+    classified, text = results["error"]
+    assert classified, text
 
 
 def _leave_in_a_two_rank_group(rank: int, port: int, results) -> None:

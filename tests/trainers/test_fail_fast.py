@@ -11,6 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from reasonrl.rollout.server_engine import ServerUnavailableError
+from reasonrl.trainers import grpo
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
@@ -37,3 +42,24 @@ def test_a_dead_machine_stops_the_other_with_a_clear_error(tiny_model_dir, tmp_p
     assert procs[0].returncode != 0, err0[-3000:]
     assert waited < 120, f"machine 0 took {waited:.0f} s to notice (collective timeout 300 s)"
     assert "another process of this job died or stopped responding" in err0, err0[-3000:]
+
+
+def _trainer_raising(err: BaseException):
+    class _Trainer:
+        def __init__(self, config):
+            raise err
+
+    return _Trainer
+
+
+@pytest.mark.parametrize("err", [
+    ServerUnavailableError("vLLM server at http://127.0.0.1:8000 did not answer POST /generate (timed out)"),
+    RuntimeError("request timed out"),
+])
+def test_main_re_raises_an_error_that_is_not_a_dead_peer_with_its_traceback(err, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "GRPOTrainer", _trainer_raising(err))
+    with pytest.raises(type(err)) as raised:
+        grpo.main(["trainer.steps=1"])
+    assert raised.value is err and raised.traceback[-1].name == "__init__"  # raised where it happened
+    assert "another process of this job died" not in capsys.readouterr().err
+
