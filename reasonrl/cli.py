@@ -4,14 +4,16 @@ rollouts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from reasonrl.config import ConfigError, DataConfig, load_config
+from reasonrl.config import ConfigError, DataConfig, RolloutConfig, load_config
 
 TASKS = ("arithmetic", "gsm8k")
+ENGINES = ("hf", "vllm", "server")
 
 
 def _train(args) -> int:
@@ -66,28 +68,58 @@ def eval_data_config(args) -> DataConfig:
     return data
 
 
+def cli_rollout_config(args, base: RolloutConfig | None = None) -> RolloutConfig:
+    """The typed engine settings of a command: ``base`` (default: RolloutConfig's defaults, i.e. vLLM's own memory
+    settings) with the command line's --engine, --batch-size and, if given, --server-url."""
+    changes = {"engine": args.engine, "batch_size": args.batch_size}
+    if getattr(args, "server_url", None):
+        changes["server_url"] = args.server_url
+    return dataclasses.replace(base or RolloutConfig(), **changes)
+
+
+def eval_rollout_config(args) -> RolloutConfig:
+    """`reasonrl eval`'s engine settings: those of the --config recipe (its vLLM memory settings, say), if given."""
+    return cli_rollout_config(args, load_config(args.config, args.overrides).rollout if args.config else None)
+
+
+def build_cli_engine(rollout: RolloutConfig, model_path: str, tokenizer, *, dtype: str, seed: int = 0, **engine_kw):
+    """The engine of a command, through the trainer's factory: hf generates with the loaded model (a LoRA adapter
+    merged); vllm and server load nothing here (a LoRA checkpoint would need its merged model saved first)."""
+    from reasonrl.rollout.factory import build_engine
+
+    if rollout.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
+        raise ValueError(f"{model_path}: a LoRA checkpoint runs with --engine hf (vLLM would need the merged model "
+                         "saved)")
+    model = load_eval_model(model_path, dtype) if rollout.engine == "hf" else None
+    return build_engine(rollout, model=model, tokenizer=tokenizer, model_path=model_path, model_dtype=dtype,
+                        seed=seed, **engine_kw)
+
+
+def close_engine(engine) -> None:
+    """Release an engine's resources (vLLM's engine, a server's weight group); hf has nothing to release."""
+    if hasattr(engine, "close"):
+        engine.close()
+
+
 def _eval(args) -> int:
     from reasonrl.data.tasks import load_task_rows
     from reasonrl.models import load_tokenizer
-    from reasonrl.rollout.factory import build_engine
     from reasonrl.trainers.evaluate import greedy_accuracy
 
     data = eval_data_config(args)
+    rollout = eval_rollout_config(args)
     _, rows = load_task_rows(data)
     model_path = resolve_eval_model(args.model)
     tokenizer = load_tokenizer(model_path)
-    if args.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
-        raise SystemExit("a LoRA checkpoint is evaluated with --engine hf (vLLM would need the merged model saved)")
-    model = load_eval_model(model_path, args.dtype)
-    engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size,  # vllm_*: vLLM's defaults
-                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None, vllm_compile=False)
-    engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
-                          model_dtype=args.dtype, seed=0)
+    engine = build_cli_engine(rollout, model_path, tokenizer, dtype=args.dtype)
     start = time.perf_counter()
-    result = greedy_accuracy(engine, tokenizer, rows, template=data.template, max_new_tokens=args.max_new_tokens,
-                             answer_mode=args.answer_mode, effort=args.effort)
+    try:
+        result = greedy_accuracy(engine, tokenizer, rows, template=data.template, max_new_tokens=args.max_new_tokens,
+                                 answer_mode=args.answer_mode, effort=args.effort)
+    finally:
+        close_engine(engine)
     summary = {
-        "model": model_path, "task": args.config or args.task, "n": int(result["n"]),
+        "model": model_path, "task": args.config or args.task, "engine": rollout.engine, "n": int(result["n"]),
         "accuracy": result["correct"] / max(result["n"], 1), "mean_length": result["tokens"] / max(result["n"], 1),
         "max_new_tokens": args.max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
     }
@@ -131,28 +163,15 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 def _generation_engine(args, model_path: str, tokenizer, reflex):
-    """The engine of `reasonrl generate`: HFEngine on the loaded model, or an in-process VLLMEngine carrying the
-    CyclicReflex settings (vLLM takes logits processors at start-up only)."""
-    from reasonrl.rollout.factory import build_engine
-
-    if args.engine == "hf":
-        model = load_eval_model(model_path, args.dtype)
-        engine_cfg = argparse.Namespace(engine="hf", batch_size=args.batch_size)
-        return build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
-                            model_dtype=args.dtype, seed=args.seed or 0)
-    if (Path(model_path) / "adapter_config.json").is_file():
-        raise ValueError("a LoRA checkpoint generates with --engine hf (vLLM would need the merged model saved)")
-    from transformers import GenerationConfig
-
-    from reasonrl.rollout.factory import eos_token_ids
-    from reasonrl.rollout.vllm_engine import VLLMEngine
-
-    try:  # the EOS ids of HFEngine (tokenizer + generation config) without loading the model a second time
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except OSError:  # no generation_config.json
-        generation_config = None
-    eos = eos_token_ids(tokenizer, argparse.Namespace(generation_config=generation_config))
-    return VLLMEngine(model_path, dtype=args.dtype, seed=args.seed or 0, eos_token_ids=eos, cyclic_reflex=reflex)
+    """The engine of `reasonrl generate`. CyclicReflex: HFEngine takes its processor per call (see
+    `_generate_completions`); VLLMEngine at start-up (vLLM registers logits processors then); the server has none."""
+    rollout = cli_rollout_config(args)
+    if reflex is not None and rollout.engine == "server":
+        raise ValueError("--cyclic-reflex runs with --engine hf or vllm (the server registers no CyclicReflex "
+                         "processor)")
+    vllm_reflex = reflex if rollout.engine == "vllm" else None
+    return build_cli_engine(rollout, model_path, tokenizer, dtype=args.dtype, seed=args.seed or 0,
+                            cyclic_reflex=vllm_reflex)
 
 
 def _generate_completions(engine, prompts: list[list[int]], params, max_new_tokens: int, hf_reflex):
@@ -208,8 +227,7 @@ def _generate(args) -> int:
         out = _generate_completions(engine, prompts, params, args.max_new_tokens,
                                     reflex if args.engine == "hf" else None)
     finally:
-        if hasattr(engine, "close"):
-            engine.close()
+        close_engine(engine)
     seconds = time.perf_counter() - start
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     for k, (ids, text, reason) in enumerate(zip(out.completion_ids, texts, out.finish_reasons)):
@@ -245,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=200, help="number of held-out problems")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--answer-mode", default="lenient", choices=["lenient", "hash", "boxed", "last_number"])
-    ev.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    ev.add_argument("--batch-size", type=int, default=64)
+    add_engine_arguments(ev)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ev.add_argument("--json", action="store_true", help="print one JSON line")
     ev.add_argument("--effort", type=effort_arg, help="e1 effort r in (0, 1]: the prompts get the effort line")
@@ -260,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_drqa_parser(sub)
     return parser
+
+
+def add_engine_arguments(parser) -> None:
+    parser.add_argument("--engine", default="hf", choices=ENGINES,
+                        help="hf: transformers generate; vllm: vLLM in this process; server: a `reasonrl serve` "
+                        "process serving this model (its API key, if any, from REASONRL_API_KEY)")
+    parser.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences generated together")
+    parser.add_argument("--server-url", help=f"--engine server: its URL (default {RolloutConfig.server_url})")
 
 
 def add_generate_parser(sub) -> None:
@@ -277,8 +302,7 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--n", type=int, default=1, help="completions per question")
     gen.add_argument("--seed", type=int, help="sampling seed (reproducible sampling)")
-    gen.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    gen.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences generated together")
+    add_engine_arguments(gen)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     reflex = gen.add_argument_group("CyclicReflex (reflection-token logit wave, algorithms.md section 8)")
     reflex.add_argument("--cyclic-reflex", action="store_true", help="add the triangular wave to reflection tokens")

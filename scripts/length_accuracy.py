@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reasonrl.cli import TASKS, effort_arg
+from reasonrl.cli import TASKS, close_engine, effort_arg
 
 
 def int_list(text: str) -> list[int]:
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--efforts", type=effort_list, help="e1 efforts, each evaluated at the largest budget")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--answer-mode", default="lenient", choices=["lenient", "hash", "boxed", "last_number"])
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])  # a server serves one model, not --models
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--png", default=str(REPO / "runs" / "length_accuracy.png"))
@@ -85,39 +85,37 @@ def settings(args) -> list[tuple[str, int, float | None]]:
 
 
 def evaluate_model(args, label: str, target: str, rows: list[dict], template: str) -> list[dict]:
-    from reasonrl.cli import load_eval_model, resolve_eval_model
+    """One table row per setting; the engine (built like `reasonrl eval`'s) is closed afterwards."""
+    from reasonrl.cli import build_cli_engine, cli_rollout_config, resolve_eval_model
     from reasonrl.models import load_tokenizer
-    from reasonrl.rollout.factory import build_engine
-    from reasonrl.trainers.evaluate import greedy_accuracy
 
     model_path = resolve_eval_model(target)
-    if args.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
-        raise SystemExit(f"{target}: a LoRA checkpoint is evaluated with --engine hf")
     tokenizer = load_tokenizer(model_path)
-    model = load_eval_model(model_path, args.dtype)
-    engine_cfg = argparse.Namespace(engine=args.engine, batch_size=args.batch_size,
-                                    vllm_gpu_memory_utilization=None, vllm_kv_cache_bytes=None, vllm_compile=False)
-    engine = build_engine(engine_cfg, model=model, tokenizer=tokenizer, model_path=model_path,
-                          model_dtype=args.dtype, seed=0)
+    engine = build_cli_engine(cli_rollout_config(args), model_path, tokenizer, dtype=args.dtype)
     results = []
-    for setting, budget, effort in settings(args):
-        start = time.perf_counter()
-        r = greedy_accuracy(engine, tokenizer, rows, template=template, max_new_tokens=budget,
-                            answer_mode=args.answer_mode, effort=effort)
-        n = max(r["n"], 1)
-        results.append({
-            "model": label, "target": target, "model_path": model_path, "setting": setting,
-            "max_new_tokens": budget, "effort": effort, "n": int(r["n"]),
-            "accuracy": r["correct"] / n, "mean_length": r["tokens"] / n,
-            "seconds": round(time.perf_counter() - start, 1),
-        })
-        print(f"{label} {setting}: accuracy {results[-1]['accuracy']:.1%}, mean length "
-              f"{results[-1]['mean_length']:.1f}", file=sys.stderr, flush=True)
-    close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
-    if callable(close):
-        close()
-    del engine, model
+    try:
+        for setting, budget, effort in settings(args):
+            row = {"model": label, "target": target, "model_path": model_path, "setting": setting,
+                   **evaluate_setting(args, engine, tokenizer, rows, template, budget, effort)}
+            print(f"{label} {setting}: accuracy {row['accuracy']:.1%}, mean length {row['mean_length']:.1f}",
+                  file=sys.stderr, flush=True)
+            results.append(row)
+    finally:
+        close_engine(engine)
     return results
+
+
+def evaluate_setting(args, engine, tokenizer, rows, template, budget: int, effort: float | None) -> dict:
+    """Greedy accuracy and mean length at one budget / effort."""
+    from reasonrl.trainers.evaluate import greedy_accuracy
+
+    start = time.perf_counter()
+    r = greedy_accuracy(engine, tokenizer, rows, template=template, max_new_tokens=budget,
+                        answer_mode=args.answer_mode, effort=effort)
+    n = max(r["n"], 1)
+    return {"engine": args.engine, "max_new_tokens": budget, "effort": effort, "n": int(r["n"]),
+            "accuracy": r["correct"] / n, "mean_length": r["tokens"] / n,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def load_rows(path: str) -> list[dict]:
@@ -176,7 +174,10 @@ def main(argv=None) -> int:
         data = eval_data_config(args)
         _, eval_rows = load_task_rows(data)
         for label, target in parse_models(args.models):
-            rows += evaluate_model(args, label, target, eval_rows, data.template)
+            try:
+                rows += evaluate_model(args, label, target, eval_rows, data.template)
+            except ValueError as err:  # e.g. a LoRA checkpoint with --engine vllm
+                raise SystemExit(f"{target}: {err}") from err
     sizes = sorted({r["n"] for r in rows})
     plot(rows, args.png, f"{args.task}: accuracy vs length (n={'/'.join(map(str, sizes))})")
     print("| model | setting | accuracy | mean length |")

@@ -48,14 +48,9 @@ def test_generate_plain_text_from_a_prompts_file_without_effort(tiny_model_dir, 
     assert "Effort" not in lines[1]["prompt"] and lines[1]["effort"] is None
 
 
-def test_generate_cyclic_reflex_on_the_hf_engine(tiny_model_dir, capsys):
-    """A huge amplitude forces the reflection token where the wave is positive, also in the second (shorter) prompt:
-    positions count generated tokens of each prompt."""
-    period = 8
-    assert main(["generate", tiny_model_dir, "--prompt", "What is 37 + 45?", "--prompt", "Hi", "--template",
-                 "{question}", "--max-new-tokens", "12", "--cyclic-reflex", "--reflex-word", "w",
-                 "--reflex-amplitude", "1e4", "--reflex-period", str(period), "--json"]) == 0
-    lines = _json_lines(capsys.readouterr().out)
+def assert_wave_forces_the_reflection_token(lines, period):
+    """With a huge amplitude the reflection token "w" wins exactly where the wave is positive, never where it is
+    negative, also in the second (shorter) prompt: positions count generated tokens of each prompt."""
     assert len(lines) == 2
     for line in lines:
         text = line["completion"]  # character-level tokenizer: character p is generated token p
@@ -66,6 +61,24 @@ def test_generate_cyclic_reflex_on_the_hf_engine(tiny_model_dir, capsys):
                 assert char == "w", (p, text)
             elif delta < 0:
                 assert char != "w", (p, text)
+
+
+def reflex_argv(model_dir, period, *engine):
+    return ["generate", model_dir, "--prompt", "What is 37 + 45?", "--prompt", "Hi", "--template", "{question}",
+            "--max-new-tokens", "12", "--cyclic-reflex", "--reflex-word", "w", "--reflex-amplitude", "1e4",
+            "--reflex-period", str(period), "--json", *engine]
+
+
+def test_generate_cyclic_reflex_on_the_hf_engine(tiny_model_dir, capsys):
+    assert main(reflex_argv(tiny_model_dir, 8)) == 0
+    assert_wave_forces_the_reflection_token(_json_lines(capsys.readouterr().out), 8)
+
+
+def test_generate_cyclic_reflex_on_the_vllm_engine(vllm_module, vllm_tiny_model_dir, capsys, monkeypatch):
+    """The vllm engine comes from the same factory as the trainer's, the CyclicReflex settings given at start-up."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: vLLM's CPU default would take 0.3 of the RAM
+    assert main(reflex_argv(vllm_tiny_model_dir, 8, "--engine", "vllm")) == 0
+    assert_wave_forces_the_reflection_token(_json_lines(capsys.readouterr().out), 8)
 
 
 @pytest.mark.parametrize("argv, message", [

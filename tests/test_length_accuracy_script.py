@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,24 @@ def test_length_accuracy_script(tiny_model_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == rows
     assert png2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_length_accuracy_script_on_the_vllm_engine(vllm_module, vllm_tiny_model_dir, tmp_path):
+    """The vllm engine is built from the typed RolloutConfig (a hand-built Namespace once crashed here)."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: vLLM's CPU default would take 0.3 of the RAM
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", f"tiny={vllm_tiny_model_dir}", "--n", "3", "--budgets", "4,8",
+         "--efforts", "0.5", "--engine", "vllm", "--json", "--png", str(tmp_path / "v.png")],
+        check=False, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["setting"], r["max_new_tokens"], r["effort"]) for r in rows] == [
+        ("budget 4", 4, None), ("budget 8", 8, None), ("effort 0.5", 8, 0.5)]
+    for r in rows:
+        assert r["engine"] == "vllm" and r["model"] == "tiny" and r["n"] == 3
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert 0.0 < r["mean_length"] <= r["max_new_tokens"]
 
 
 def test_point_labels_join_coincident_settings():

@@ -1,4 +1,18 @@
-"""The contract between the trainer and any generation engine (transformers, vLLM, a vLLM server)."""
+"""The contract between the trainer and any generation engine (transformers, vLLM, a vLLM server).
+
+Every engine returns the same quantities for the same tokens, so nothing downstream (HAPO statistics, D3S scores, the
+importance-sampling correction) depends on which engine sampled:
+
+- **Rollout log-probs** (`RolloutOutput.logprobs`, the behaviour policy of the IS correction): the log-probability of
+  each sampled token under the distribution it was drawn from, as vLLM's ``logprobs_mode="processed_logprobs"``
+  defines it: log_softmax of the logits after the logits processors (HAPO's adaptive temperature, CyclicReflex),
+  divided by the temperature (T_t per token under HAPO), with the entries outside top-k / top-p set to -inf (so the
+  kept ones are renormalised). Greedy decoding: log_softmax of the processed logits, undivided. `hf` reads
+  `generate`'s processed ``scores``, `vllm` and `server` run vLLM with ``processed_logprobs``.
+- **Entropies** H_t: the entropy of softmax(raw logits) at temperature 1 (algorithms.md, Notation), whatever
+  `rollout.temperature` is. `hf` returns them (`RolloutOutput.entropies`, when asked); for the others the trainer
+  computes them with `reasonrl.trainers.policy.completion_logprobs`, which gives the same.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +52,9 @@ class RolloutOutput:
     """One entry per completion (prompt-major, n consecutive completions per prompt)."""
 
     completion_ids: list[list[int]]
-    logprobs: list[list[float]]  # log-prob of each sampled token under the sampling distribution
+    logprobs: list[list[float]]  # log-prob of each sampled token under the distribution it was drawn from (module doc)
     finish_reasons: list[str]  # "stop" (EOS) or "length" (hit its max_new_tokens)
-    entropies: list[list[float]] | None = None  # per-token entropy at T=1 of the sampling policy, if the engine has it
+    entropies: list[list[float]] | None = None  # per-token entropy at T=1 of the raw logits, if the engine has it
 
     def append_empty(self, n: int) -> None:
         """``n`` empty completions (a prompt with no token budget)."""
@@ -52,6 +66,10 @@ class RolloutOutput:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """``generate`` returns ``params.n`` completions per prompt (prompt-major), each ending at EOS (kept), a stop
+    string (kept) or its own ``max_new_tokens``, with log-probs as defined in the module docstring;
+    ``load_weights`` takes ``(hf_name, tensor)`` pairs of the trainer's policy."""
+
     def generate(
         self,
         prompt_ids: list[list[int]],

@@ -7,21 +7,26 @@ can take live weights, and a GPU server can too when NCCL between the two machin
 
 Protocol (the trainer is rank 0 and hosts the rendezvous store; the server's single worker is rank 1):
 
-1. ``/init_weight_transfer_engine`` with ``{master_address, master_port, token}``: the worker joins the trainer's group.
-   The token is a random secret the trainer made; it names the group's store prefix and authorises later pushes.
+1. ``/init_weight_transfer_engine`` with ``{master_address, master_port, token, group_id}``: the worker joins the
+   trainer's group (store prefix ``group_id``, a random name per group). ``token`` must be the server's weight token
+   (`server_auth`: given at start, ``REASONRL_WEIGHT_TOKEN`` in the worker's environment), compared in constant time;
+   a server without one, a wrong token, or a second group while the first one's trainer is still alive (its store
+   answers) is refused with ``PermissionError`` and the active group stays. A group whose trainer is gone (killed
+   without closing it) is replaced, so a restarted trainer can join again.
 2. ``/update_weights`` with ``{token, names, dtype_names, shapes, bucket_bytes}``: both sides plan the same buckets
    (``weight_buckets.plan_buckets``), the trainer broadcasts each bucket, and the worker loads it through vLLM's
-   layerwise reload. A push whose token is not the group's, or that comes before any client joined, is refused
-   with ``PermissionError`` before anything is received or changed.
+   layerwise reload. A push without the token, or before any group was opened, is refused with ``PermissionError``
+   before anything is received or changed.
 3. ``/finish_weight_update``: finalise the reload (re-runs each layer's weight processing, which rebuilds the CPU
    backend's packed GEMM weights) and refresh tied LM heads.
+4. ``/shutdown_weight_transfer_engine``: the trainer closes its group (`ServerEngine.close`); the next one may join.
 
 Registered in every vLLM process through the ``vllm.general_plugins`` entry point (``register``).
 """
 
 from __future__ import annotations
 
-import hmac
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from reasonrl.rollout.server_auth import token_matches, weight_token_from_env
 from reasonrl.rollout.weight_buckets import (
     DEFAULT_BUCKET_BYTES,
     TensorMeta,
@@ -42,6 +48,7 @@ from reasonrl.rollout.weight_group import broadcast_from_trainer, join_group, re
 
 BACKEND = "gloo"
 SERVER_RANK = 1
+LIVENESS_TIMEOUT = datetime.timedelta(seconds=5)  # how long the trainer's store may take to answer "are you there"
 
 
 @dataclass
@@ -49,6 +56,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     master_address: str
     master_port: int
     token: str
+    group_id: str = ""
     timeout_s: float = 300.0
 
 
@@ -80,17 +88,33 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                 "the gloo weight-transfer backend supports a single-worker server (no tensor/pipeline parallelism); "
                 f"this server has {self.parallel_config.world_size} workers"
             )
+        self.secret = weight_token_from_env()  # set by `reasonrl serve`; None: no pushes at all
         self.group = None
         self.store = None
-        self.token: str | None = None
         self.reloading = False
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        self._check_token(init_info.token, "weight group refused")
+        if self.group is not None and self._trainer_alive():
+            raise PermissionError(
+                "weight group refused: another trainer's weight group is active on this server; it must close it "
+                "(ServerEngine.close, POST /shutdown_weight_transfer_engine) or exit first"
+            )
         self.shutdown()
         self.store = rendezvous_store(init_info.master_address, init_info.master_port, is_master=False,
                                       timeout_s=init_info.timeout_s)
-        self.group = join_group(self.store, rank=SERVER_RANK, token=init_info.token, timeout_s=init_info.timeout_s)
-        self.token = init_info.token
+        self.group = join_group(self.store, rank=SERVER_RANK, group_id=init_info.group_id,
+                                timeout_s=init_info.timeout_s)
+
+    def _trainer_alive(self) -> bool:
+        """Whether the active group's trainer still answers on its rendezvous store (it hosts the store, so a killed
+        trainer's store is gone and the probe fails at once)."""
+        try:
+            self.store.set_timeout(LIVENESS_TIMEOUT)
+            self.store.check(["reasonrl-alive"])
+        except (RuntimeError, OSError):  # DistNetworkError / DistStoreError are RuntimeErrors
+            return False
+        return True
 
     def start_weight_update(self) -> None:
         """Nothing to prepare yet: the reload starts with the first authorised bucket, so a refused push (or a bare
@@ -117,13 +141,19 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             self.model.load_weights(weights)
 
     def _authorise(self, token: str) -> None:
-        if self.group is None or self.token is None:
+        self._check_token(token, "weight push refused")
+        if self.group is None:
             raise PermissionError(
                 "weight push refused: no client has joined this server's weight group "
                 "(call /init_weight_transfer_engine first)"
             )
-        if not hmac.compare_digest(str(token), self.token):
-            raise PermissionError("weight push refused: the client is not a member of this server's weight group")
+
+    def _check_token(self, token: object, refused: str) -> None:
+        if self.secret is None:
+            raise PermissionError(f"{refused}: this server was started without a weight token "
+                                  "(reasonrl serve --weight-token-file FILE), so it takes no weight pushes")
+        if not token_matches(token, self.secret):
+            raise PermissionError(f"{refused}: wrong weight token")
 
     def finish_weight_update(self) -> None:
         if not self.reloading:
@@ -139,7 +169,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def shutdown(self) -> None:
         self.group = None
         self.store = None
-        self.token = None
         self.reloading = False
 
 

@@ -69,17 +69,13 @@ class HFEngine:
             logits_processor=logits_processors,
             synced_gpus=self.synced_gpus,
             **({"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}),
-            output_logits=True,
+            output_scores=True,  # after every processor: the distribution each token was drawn from
+            output_logits=out.entropies is not None,  # raw logits, for the entropy at T = 1
             return_dict_in_generate=True,
         )
         generated = result.sequences[:, width:]  # [B, T]
-        logits = torch.stack(result.logits, dim=1)  # [B, T, V] raw logits
-        token_logp, _ = token_logprobs_and_entropy(
-            logits, generated, temperature=1.0 if greedy else params.temperature
-        )  # [B, T], chunked: no full-size log-softmax
-        entropy = None
-        if out.entropies is not None:
-            _, entropy = token_logprobs_and_entropy(logits, generated, temperature=1.0)
+        token_logp = sampled_logprobs(result.scores, generated)
+        entropy = None if out.entropies is None else raw_entropies(result.logits, generated)
         for i, (_, budget) in enumerate(rows):
             ids, reason = self._trim(generated[i].tolist(), budget, params.stop)
             out.completion_ids.append(ids)
@@ -97,6 +93,19 @@ class HFEngine:
                 break
         cut = stop_cut(ids, text_decoder(self.tokenizer), stops)
         return (ids[:cut], "stop") if cut is not None else (ids, reason)
+
+
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] log-softmax of generate's processed scores (one [B, V] per step: logits / T_t after top-k / top-p,
+    filtered entries -inf) at the sampled tokens: vLLM's `processed_logprobs`. Step by step, so no [B, T, V] copy."""
+    return torch.stack([torch.log_softmax(step.float(), -1).gather(-1, tokens[:, t, None]).squeeze(-1)
+                        for t, step in enumerate(scores)], dim=1)
+
+
+def raw_entropies(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] entropy at T = 1 of the raw logits (one [B, V] per step), as `policy.completion_logprobs` gives it."""
+    return torch.stack([token_logprobs_and_entropy(step[:, None], tokens[:, t, None])[1][:, 0]
+                        for t, step in enumerate(logits)], dim=1)
 
 
 def _adaptive_temperature_processor(params: SamplingParams):

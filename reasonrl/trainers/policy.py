@@ -7,6 +7,21 @@ import torch
 from reasonrl.rl.losses import token_logprobs_and_entropy
 
 
+def logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] log-probs of ``targets`` under softmax(logits / temperature) (what the policy-gradient ratio and the KL
+    read), and the entropy H_t of softmax(logits) at T = 1 (the spec's H, algorithms.md "Notation": HAPO, D3S and RMT
+    read it, and the hf engine returns the same), whatever the training temperature.
+
+    At T = 1 both come from one chunked pass; otherwise the entropy takes a second pass over the same logits (no
+    copy: both passes save the same tensor for backward)."""
+    logp, entropy = token_logprobs_and_entropy(logits, targets, temperature=temperature, chunk_size=chunk_size)
+    if temperature != 1.0:
+        _, entropy = token_logprobs_and_entropy(logits, targets, temperature=1.0, chunk_size=chunk_size)
+    return logp, entropy
+
+
 def pack_prompts_left(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts to one width, as the engines do; returns (ids [B,P], mask [B,P])."""
     width = max(len(p) for p in prompt_ids)
@@ -37,7 +52,8 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_t | x, y_<t) of the tau-tempered policy, and that distribution's entropy, both [B, T].
+    """log pi(y_t | x, y_<t) of the tau-tempered policy and the policy's entropy at T = 1, both [B, T]
+    (`logprobs_and_entropy`).
 
     GRPO rows share prompts (G samples each), so each distinct prompt runs through the model once; its KV cache is
     then indexed per row (a differentiable gather, so gradients through the prompt are exact) and the completions
@@ -72,7 +88,7 @@ def completion_logprobs(
     out = model(input_ids=c_ids, attention_mask=attention, position_ids=positions, past_key_values=cache)
     # logits for y_0 come from the prompt's last position; y_t (t >= 1) from completion position t-1
     logits = torch.cat([prefix.logits[row_prompt, -1:], out.logits[:, :-1]], dim=1)
-    return token_logprobs_and_entropy(logits, c_ids, temperature=temperature, chunk_size=chunk_size)
+    return logprobs_and_entropy(logits, c_ids, temperature=temperature, chunk_size=chunk_size)
 
 
 def packed_completion_logprobs(
@@ -126,8 +142,8 @@ def packed_completion_logprobs(
         offset += seq.numel()
     out = model(input_ids=torch.cat(tokens)[None], position_ids=torch.cat(positions)[None], use_cache=False,
                 logits_to_keep=torch.cat(predictors))
-    logp, ent = token_logprobs_and_entropy(out.logits, torch.cat(targets)[None], temperature=temperature,
-                                           chunk_size=chunk_size)
+    logp, ent = logprobs_and_entropy(out.logits, torch.cat(targets)[None], temperature=temperature,
+                                     chunk_size=chunk_size)
     full_logp = torch.zeros(b, t, dtype=logp.dtype, device=device).masked_scatter(keep, logp[0])
     full_ent = torch.zeros(b, t, dtype=ent.dtype, device=device).masked_scatter(keep, ent[0])
     if keep is not mask:  # the dummy tokens: zero values, but still connected to the graph
@@ -161,4 +177,4 @@ def full_sequence_completion_logprobs(
     positions = torch.cat([(p_mask.cumsum(-1) - 1).clamp(min=0), start + torch.arange(width - 1, device=device)], 1)
     out = model(input_ids=torch.cat([p_ids, c_ids[:, :-1]], 1), attention_mask=torch.cat([p_mask, c_mask[:, :-1]], 1),
                 position_ids=positions, use_cache=False, logits_to_keep=width)
-    return token_logprobs_and_entropy(out.logits, c_ids, temperature=temperature, chunk_size=chunk_size)
+    return logprobs_and_entropy(out.logits, c_ids, temperature=temperature, chunk_size=chunk_size)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from reasonrl.kernels.context import RingContext, ring_forward
 from reasonrl.kernels.ring import stripe, striped_positions, unstripe
-from reasonrl.rl.losses import token_logprobs_and_entropy
+from reasonrl.trainers.policy import logprobs_and_entropy
 
 
 @dataclass
@@ -165,7 +165,7 @@ def sequence_parallel_completion_logprobs(model, prompt_ids: list[list[int]], co
     context = RingContext(sp.group, length, sp.hierarchical, sp.local_world_size)
     with ring_forward(context):
         logits = model(input_ids=inputs[mine][None], position_ids=mine[None], use_cache=False).logits
-    logp, entropy = token_logprobs_and_entropy(logits, targets[mine][None], temperature=temperature,
+    logp, entropy = logprobs_and_entropy(logits, targets[mine][None], temperature=temperature,
                                                chunk_size=chunk_size)
     both = gather_striped(torch.stack([logp[0], entropy[0]]), sp, dim=-1)  # [2, padded]
     scored = both[:, prompt.numel() - 1 : prompt.numel() - 1 + completion.numel()]

@@ -1,10 +1,14 @@
-"""`reasonrl serve` as a second process on loopback, driven by ServerEngine: generate, push weights over gloo,
-generate again, refuse pushes from non-members, shut down; a dead server gives a clear error, not a hang.
+"""`reasonrl serve` as a second process on loopback, driven by ServerEngine: generate (log-probs and entropies as every
+engine defines them), push weights over gloo, generate again; refuse callers without the API key, weight pushes and
+groups without the weight token, and a second group while one is active; shut down; a dead server gives a clear
+error, not a hang.
 
 Uses the tiny random model (fp32 on both sides) so the whole module takes about a minute on 2 CPU cores.
 """
 
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -12,22 +16,31 @@ import time
 
 import pytest
 import torch
+from engine_reference import CASES, assert_matches_reference, trainer_entropies
 
+from reasonrl.cli import main
 from reasonrl.rollout.base import SamplingParams
+from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_HEADER
 from reasonrl.rollout.server_engine import ServerClient, ServerEngine, ServerRequestError, ServerUnavailableError
 
 LOGP_ATOL = 2e-4  # fp32 server vs fp32 transformers: different kernels and summation order
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65]]
+TOKEN = secrets.token_hex(16)  # the server's weight token, given at start in a file
+API_KEY = secrets.token_hex(8)  # its API key, given in the environment (REASONRL_API_KEY)
+NORM = {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[128]]}  # a one-tensor push
 
 
 @pytest.fixture(scope="module")
 def server(vllm_module, vllm_tiny_model_dir, tmp_path_factory, free_port):
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    folder = tmp_path_factory.mktemp("server")
+    log, token_file = folder / "server.log", folder / "weight-token"
+    token_file.write_text(TOKEN + "\n")
     cmd = [sys.executable, "-m", "reasonrl.cli", "serve", vllm_tiny_model_dir, "--port", str(port), "--dtype",
-           "float32", "--", "--kv-cache-memory-bytes", str(1 << 28)]
+           "float32", "--weight-token-file", str(token_file), "--", "--kv-cache-memory-bytes", str(1 << 28)]
+    env = {k: v for k, v in os.environ.items() if k != WEIGHT_TOKEN_ENV} | {API_KEY_ENV: API_KEY}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -56,9 +69,19 @@ def hf_model(vllm_tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(server, hf_model):
     _, url, _ = server
-    engine = ServerEngine(url, eos_token_ids=[hf_model.config.eos_token_id], timeout_s=120)
+    engine = ServerEngine(url, eos_token_ids=[hf_model.config.eos_token_id], timeout_s=120, token=TOKEN,
+                          api_key=API_KEY)
     yield engine
     engine.close()
+
+
+def client(url, *, api_key=API_KEY) -> ServerClient:
+    return ServerClient(url, 30, api_key=api_key)
+
+
+def weight_call(url, path, payload=None, *, token):
+    headers = {} if token is None else {WEIGHT_TOKEN_HEADER: token}
+    return client(url).post(path, payload, headers=headers)
 
 
 def teacher_forced(model, prompt, completion):
@@ -92,6 +115,16 @@ def test_health_dtype_and_sampling(engine, hf_model):
     assert greedy.completion_ids[0] == greedy.completion_ids[1]
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_server_engine_returns_the_defined_logprobs(engine, hf_model, case):
+    """The server's rollout log-probs are those of the distribution each token was drawn from, and the trainer's
+    entropies are at T = 1: the same values as the hf and vllm engines (test_engine_semantics.py)."""
+    params = CASES[case]
+    out = engine.generate(PROMPTS, params, [8, 5, 8])
+    assert_matches_reference(hf_model, PROMPTS, out, params, trainer_entropies(hf_model, PROMPTS, out, params,
+                                                                                pad_id=0))
+
+
 def test_stop_strings_end_completions_where_hf_would(engine, vllm_tiny_model_dir):
     from test_stops import assert_stops_respected
 
@@ -104,13 +137,73 @@ def test_stop_strings_end_completions_where_hf_would(engine, vllm_tiny_model_dir
     assert_stops_respected(out, tokenizer, stops, 30)
 
 
-def test_push_is_refused_before_any_client_joined(server, engine):
+def test_eval_cli_on_the_server_engine_matches_hf(server, vllm_tiny_model_dir, capsys, monkeypatch):
+    """`reasonrl eval --engine server`: the engine from the typed RolloutConfig, the API key from the environment;
+    greedy on the same weights, so the summary of the hf engine."""
     _, url, _ = server
-    intruder = ServerClient(url, 30)
-    update = {"token": "guess", "names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[128]]}
-    intruder.post("/start_weight_update")
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    argv = ["eval", vllm_tiny_model_dir, "--n", "4", "--max-new-tokens", "6", "--json"]
+    summaries = {}
+    for engine in ("server", "hf"):
+        assert main([*argv, "--engine", engine, "--server-url", url]) == 0
+        summaries[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = summaries["server"]
+    assert got["engine"] == "server" and got["n"] == 4 and 0.0 <= got["accuracy"] <= 1.0
+    assert 0.0 < got["mean_length"] <= 6
+    assert (got["accuracy"], got["mean_length"]) == (summaries["hf"]["accuracy"], summaries["hf"]["mean_length"])
+
+
+def test_generate_cli_on_the_server_engine(server, vllm_tiny_model_dir, capsys, monkeypatch):
+    _, url, _ = server
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    assert main(["generate", vllm_tiny_model_dir, "--prompt", "3 + 4", "--n", "2", "--temperature", "1.0", "--seed",
+                 "5", "--max-new-tokens", "6", "--json", "--engine", "server", "--server-url", url]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(x["prompt_index"], x["completion_index"]) for x in lines] == [(0, 0), (0, 1)]
+    assert all(0 < x["tokens"] <= 6 for x in lines) and lines[0]["completion"] != lines[1]["completion"]
+
+
+def test_routes_need_the_api_key_but_health(server):
+    _, url, _ = server
+    for path in ("/v1/models", "/server_info", "/weight_info"):  # vLLM's own check covers /v1 only
+        for key in (None, "wrong"):
+            with pytest.raises(ServerRequestError) as refused:
+                client(url, api_key=key).get(path)
+            assert refused.value.status == 401, path
+    with pytest.raises(ServerRequestError, match="HTTP 401"):
+        client(url, api_key=None).post("/v1/completions", {"model": "x", "prompt": [1, 2], "max_tokens": 1})
+    client(url, api_key=None).get("/health")
+    assert client(url).get("/v1/models")["data"]
+    with pytest.raises(ServerRequestError, match="HTTP 401"):  # the engine sends the key: without it, a clear error
+        ServerEngine(url, eos_token_ids=[2], token=TOKEN)
+
+
+@pytest.mark.parametrize("token", [None, "wrong-" + "0" * 26])
+def test_weight_routes_refuse_a_caller_without_the_token(server, engine, token):
+    _, url, _ = server
+    init = {"init_info": {"master_address": "127.0.0.1", "master_port": 1, "token": TOKEN, "group_id": "x"}}
+    calls = [("/init_weight_transfer_engine", init), ("/start_weight_update", None),
+             ("/update_weights", {"update_info": {"token": TOKEN, **NORM}}), ("/finish_weight_update", None),
+             ("/shutdown_weight_transfer_engine", None), ("/collective_rpc", {"method": "reload_weights"})]
+    for path, payload in calls:
+        with pytest.raises(ServerRequestError, match="weight route refused: missing or wrong weight token") as err:
+            weight_call(url, path, payload, token=token)
+        assert err.value.status == 403, path
+    intruder = ServerEngine(url, eos_token_ids=[2], token=token, api_key=API_KEY, group_timeout_s=60)
+    version = engine.health()["weight_version"]
+    t0 = time.perf_counter()
+    with pytest.raises(PermissionError if token is None else ServerRequestError, match="weight token"):
+        intruder.load_weights([("model.norm.weight", torch.zeros(128))])
+    assert time.perf_counter() - t0 < 10  # refused at once, not after the group's timeout
+    assert engine.health()["weight_version"] == version  # nothing was pushed
+
+
+def test_push_is_refused_before_any_client_joined(server, engine):
+    """The worker's own check, behind the route guard: a token holder's push with no group open."""
+    _, url, _ = server
+    weight_call(url, "/start_weight_update", token=TOKEN)
     with pytest.raises(ServerRequestError, match="refused: no client has joined"):
-        intruder.post("/update_weights", {"update_info": update})
+        weight_call(url, "/update_weights", {"update_info": {"token": TOKEN, **NORM}}, token=TOKEN)
     assert engine.health()["healthy"] is True
 
 
@@ -139,25 +232,56 @@ def test_push_changes_generation_and_scores(engine, hf_model, server):
     mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in after.completion_ids], dtype=torch.bool)
     batch = RolloutBatch(PROMPTS, ids, mask, None, ["stop"] * 3, group_size=3)
     assert check_weight_sync(engine, hf_model, batch, pad_id=0, tolerance=0.002, step=1)["sync/prob_gap_max"] < 1e-3
-    # a member's push with the wrong token (someone who did not join) is refused, and the weights stay
+    # a push whose body carries a wrong token is refused by the worker too, and the weights stay
     _, url, _ = server
-    intruder = ServerClient(url, 30)
-    intruder.post("/start_weight_update")
-    with pytest.raises(ServerRequestError, match="not a member"):
-        intruder.post("/update_weights", {"update_info": {"token": "guess", "names": [], "dtype_names": [],
-                                                          "shapes": []}})
+    weight_call(url, "/start_weight_update", token=TOKEN)
+    with pytest.raises(ServerRequestError, match="weight push refused: wrong weight token"):
+        weight_call(url, "/update_weights", {"update_info": {"token": "guess", **NORM}}, token=TOKEN)
     assert engine.generate(PROMPTS, SamplingParams(temperature=0.0), [10] * 3).completion_ids == after.completion_ids
     engine.load_weights(hf_model.named_parameters())  # and the member can still push afterwards
 
 
+def test_a_second_group_is_refused_while_one_is_active(server, engine, hf_model):
+    """One trainer at a time: a second token holder cannot take the weight group over until the first closes it."""
+    _, url, _ = server
+    engine.load_weights(hf_model.named_parameters())  # the first trainer's group is open
+    second = ServerEngine(url, eos_token_ids=[2], token=TOKEN, api_key=API_KEY, group_timeout_s=60)
+    with pytest.raises(ServerRequestError, match="another trainer's weight group is active"):
+        second.load_weights(hf_model.named_parameters())
+    version = engine.health()["weight_version"]
+    engine.load_weights(hf_model.named_parameters())  # the first one keeps pushing
+    assert engine.health()["weight_version"] != version
+    engine.close()  # it closes its group: now the second may open one
+    second.load_weights(hf_model.named_parameters())
+    second.close()
+
+
+def test_the_group_of_a_killed_trainer_is_replaced(server, engine):
+    """A trainer killed without closing its group does not lock the server: its store is gone, so the next one joins."""
+    _, url, _ = server
+    code = ("import sys, time; from reasonrl.rollout.server_engine import ServerEngine; "
+            "e = ServerEngine(sys.argv[1], eos_token_ids=[2], token=sys.argv[2], api_key=sys.argv[3]); e.join(); "
+            "print('joined', flush=True); time.sleep(600)")
+    trainer = subprocess.Popen([sys.executable, "-c", code, url, TOKEN, API_KEY], stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "joined"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    engine.join()  # refused if the dead trainer's group still counted as active
+    engine.close()
+
+
 def test_trainer_runs_against_the_server(server, vllm_tiny_model_dir, tmp_path, monkeypatch):
-    """Two GRPO steps with rollout.engine=server: an initial push, one push and a parity check per step."""
-    import json
+    """Two GRPO steps with rollout.engine=server: an initial push, one push and a parity check per step; the trainer
+    takes the server's secrets from the environment."""
     from pathlib import Path
 
     from reasonrl.trainers import grpo
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "trainers"))  # rewards_for_tests
+    monkeypatch.setenv(WEIGHT_TOKEN_ENV, TOKEN)
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
     _, url, _ = server
     args = {
         "rewards": "[{name: 'rewards_for_tests:digit_count'}]",

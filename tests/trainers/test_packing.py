@@ -37,11 +37,12 @@ COMPLETIONS = torch.tensor([
 
 
 def naive_row(model, prompt, completion, temperature):
-    """One sequence alone, unpadded, full log-softmax: (logp, entropy) of its completion tokens."""
+    """One sequence alone, unpadded, full log-softmax: (logp at the temperature, entropy at T = 1) of its
+    completion tokens."""
     seq = torch.tensor([prompt + completion])
-    logits = model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float() / temperature
-    lsm = torch.log_softmax(logits, -1)
-    return lsm.gather(-1, seq[0, len(prompt) :, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    logits = model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
+    lsm, at_one = torch.log_softmax(logits / temperature, -1), torch.log_softmax(logits, -1)
+    return lsm.gather(-1, seq[0, len(prompt) :, None]).squeeze(-1), -(at_one.exp() * at_one).sum(-1)
 
 
 def surrogate(logp, ent, mask):
