@@ -90,7 +90,7 @@ def make_batch(args) -> dict:
     config, g = recipe(args), args.samples
     batch, rows, texts, pad_id = sample_batch(args, config)
     funcs = [(s.name, functools.partial(resolve_reward(s.name), **s.args), s.weight) for s in config.rewards]
-    total, valid, _, _ = score_batch(funcs, texts, {k: [row[k] for row in rows for _ in range(g)] for k in rows[0]})
+    total, valid, _, _, _ = score_batch(funcs, texts, {k: [row[k] for row in rows for _ in range(g)] for k in rows[0]})
     a, valid = config.algorithm, torch.tensor(valid)
     advantages, _ = compute_advantages(
         torch.tensor(total).float(), estimator=a.advantage, group_size=g, valid=valid,
@@ -108,10 +108,18 @@ def batch_key(args) -> list:
     return [args.prompts, args.samples, args.max_new_tokens, args.seed]
 
 
+def load_batch(path: Path) -> dict:
+    """The cached batch file, unpickled with weights_only (only RolloutBatch is allowed beside tensors)."""
+    from reasonrl.batch import RolloutBatch
+
+    with torch.serialization.safe_globals([RolloutBatch]):
+        return torch.load(path, weights_only=True)
+
+
 def cached_batch(args) -> dict:
     path = Path(args.out) / "batch.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = load_batch(path)
         if saved["key"] == batch_key(args):
             return saved
     saved = make_batch(args)
@@ -184,6 +192,7 @@ def trainer_setup(args, config, saved):
         train_on_batch(model, optimizer, scheduler, acc, batch, adv, algo=config.algorithm, optim=config.optim,
                        pad_id=saved["pad_id"], temperature=config.rollout.temperature,
                        norm_constant=config.algorithm.loss_norm_constant or config.rollout.max_new_tokens)
+        scheduler.step()
 
     return acc, step
 
@@ -191,7 +200,7 @@ def trainer_setup(args, config, saved):
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     label, overrides, _ = CONFIGS[args.worker]
-    saved = torch.load(Path(args.out) / "batch.pt", weights_only=False)
+    saved = load_batch(Path(args.out) / "batch.pt")
     setup = plain_setup if args.worker == "plain" else trainer_setup
     acc, step = setup(args, recipe(args, overrides), saved)
     cuda = torch.cuda.is_available()

@@ -1,4 +1,21 @@
+import os
+from pathlib import Path
+
 import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the repo root
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data (relative to the repo root). Missing: a failure in CI (CI=true), where the data is laid out
+    beside the clone and a skip would hide a broken layout; a skip elsewhere."""
+    if not SHARED_DATA.is_dir():
+        message = f"the shared data folder {SHARED_DATA} is missing"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

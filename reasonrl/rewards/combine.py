@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import traceback
 from collections.abc import Callable
+from typing import NamedTuple
 
 from reasonrl.rewards.drqa import concise_correct
 from reasonrl.rewards.math import accuracy_reward, closeness_reward, format_reward
 
-__all__ = ["REWARD_REGISTRY", "resolve_reward", "score_batch"]
+__all__ = ["REWARD_REGISTRY", "BatchScores", "RewardFailureError", "resolve_reward", "score_batch"]
 
 logger = logging.getLogger("reasonrl.rewards")
 
@@ -51,6 +53,18 @@ def _bad_value(v) -> bool:
         return True
 
 
+class RewardFailureError(RuntimeError):
+    """The reward functions failed for every sample of several consecutive steps: the run cannot learn."""
+
+
+class BatchScores(NamedTuple):
+    total: list[float]  # weighted sum per completion (0.0 where invalid)
+    valid: list[bool]  # every reward function returned a finite number for it
+    per_func: dict[str, list[float]]  # each function's raw scores, NaN where it failed
+    errors: int  # failed function calls (a raise, a wrong length) plus functions that returned some NaN/None
+    failures: dict[str, str]  # function name -> what went wrong this call (with the traceback of a raise)
+
+
 def score_batch(
     funcs: list[tuple[str, Callable, float]],
     completions: list[str],
@@ -58,16 +72,16 @@ def score_batch(
     *,
     strict: bool = False,
     logged: set[str] | None = None,
-) -> tuple[list[float], list[bool], dict[str, list[float]], int]:
+) -> BatchScores:
     """Score ``completions`` with weighted reward functions.
 
-    Returns ``(total, valid, per_func, errors)``. Failing samples are marked
-    invalid (total 0.0); the first error of each function is logged once
-    (per call, or per ``logged`` set when the caller passes a persistent one).
+    Failing samples are marked invalid (total 0.0); the first error of each function is logged once (per call, or
+    per ``logged`` set when the caller passes a persistent one); every failure of this call is in ``failures``.
     """
     n = len(completions)
     valid = [True] * n
     per_func: dict[str, list[float]] = {}
+    failures: dict[str, str] = {}
     errors = 0
     if logged is None:
         logged = set()
@@ -75,6 +89,7 @@ def score_batch(
     def _fail(fname: str, msg: str, *, exc: bool) -> None:
         if strict:
             raise RuntimeError(f"reward function {fname!r} failed: {msg}")
+        failures[fname] = f"{msg}\n{traceback.format_exc()}" if exc else msg
         if fname not in logged:
             logged.add(fname)
             (logger.exception if exc else logger.warning)("reward function %r failed: %s", fname, msg)
@@ -109,4 +124,4 @@ def score_batch(
     total = [
         sum(w * per_func[fname][i] for fname, _f, w in funcs) if valid[i] else 0.0 for i in range(n)
     ]
-    return total, valid, per_func, errors
+    return BatchScores(total, valid, per_func, errors, failures)

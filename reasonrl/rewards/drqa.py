@@ -15,6 +15,7 @@ import math
 
 from reasonrl.data.drqa import text_length
 from reasonrl.rewards.math import answers_match, extract_answer
+from reasonrl.rl.length_control import concise_correct_reward
 
 __all__ = ["concise_correct"]
 
@@ -35,19 +36,13 @@ def concise_correct(
     mode: str = "lenient", **kwargs,
 ) -> list[float]:
     """1[correct] * (1 + lam * max(0, 1 - text_length(completion) / ref_length)); 1[correct] where the row's
-    ref_length is missing, null or not positive. Rewards lie in [0, 1 + lam]."""
-    lam = float(lam)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    ref_length is missing, null or not positive. Rewards lie in [0, 1 + lam]. The formula is
+    `concise_correct_reward`; this wrapper grades the texts and reads the references."""
     refs = [None] * len(completions) if ref_length is None else list(ref_length)
     if len(refs) != len(completions):
         raise ValueError(f"ref_length has {len(refs)} values for {len(completions)} completions")
-    rewards = []
-    for completion, gold, ref_value in zip(completions, answer, refs, strict=True):
-        if not answers_match(extract_answer(completion, mode=mode), str(gold)):
-            rewards.append(0.0)
-            continue
-        ref = _reference(ref_value)
-        bonus = 0.0 if ref is None else lam * max(0.0, 1.0 - text_length(completion) / ref)
-        rewards.append(1.0 + bonus)
-    return rewards
+    correct = [answers_match(extract_answer(c, mode=mode), str(gold)) for c, gold in zip(completions, answer,
+                                                                                            strict=True)]
+    lengths = [float(text_length(c)) for c in completions]
+    references = [math.nan if (ref := _reference(value)) is None else ref for value in refs]
+    return concise_correct_reward(correct, lengths, references, lam=lam).tolist()

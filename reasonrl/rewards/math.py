@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
-__all__ = ["accuracy_reward", "answers_match", "extract_answer", "format_reward", "normalize_answer"]
+__all__ = ["accuracy_reward", "answers_match", "extract_answer", "format_reward", "normalize_answer",
+           "take_grader_errors"]
+
+logger = logging.getLogger("reasonrl.rewards")
+# math_verify failures since the last `take_grader_errors()`: reward functions return plain lists (TRL's API), so
+# the count travels beside them; the trainer logs it as reward/grader_errors every step
+_grader_errors = 0
+_grader_error_logged = False
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _FORMAT_RE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\.?\s*$")
@@ -107,9 +115,24 @@ def answers_match(pred: str | None, gold: str) -> bool:
         gp, pp = parse(_wrap(gold)), parse(_wrap(pred))
         if gp and pp and verify(gp, pp):
             return True
-    except Exception:  # noqa: BLE001, S110 - math_verify is best-effort
-        pass
+    except Exception as err:  # noqa: BLE001 - a grader error falls back to string equality, counted and logged once
+        _count_grader_error(pred, gold, err)
     return normalize_answer(pred) == normalize_answer(gold)
+
+
+def _count_grader_error(pred: str, gold: str, err: Exception) -> None:
+    global _grader_errors, _grader_error_logged
+    if not _grader_error_logged:
+        _grader_error_logged = True
+        logger.warning("math_verify failed on %r vs %r (string comparison used)", pred, gold, exc_info=err)
+    _grader_errors += 1
+
+
+def take_grader_errors() -> int:
+    """math_verify failures since the last call (and resets the count)."""
+    global _grader_errors
+    count, _grader_errors = _grader_errors, 0
+    return count
 
 
 def accuracy_reward(completions: list[str], answer: list[str], *, mode: str = "lenient", **kwargs) -> list[float]:

@@ -484,17 +484,19 @@ def dual_loss(rl_loss, ntp_loss, *, rl_weight: float = 1.0, ntp_weight: float = 
     return a * rl_loss + b * ntp_loss
 
 
-def ntp_token_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean next-token NLL over the mask: L_NTP = -sum_{i,t} m_{i,t} logp_{i,t} / max(1, sum m)  (0-d tensor).
+def ntp_token_loss(logp: torch.Tensor, mask: torch.Tensor, *, num_tokens=None) -> torch.Tensor:
+    """Token-mean next-token NLL over the mask: L_NTP = -sum_{i,t} m_{i,t} logp_{i,t} / max(1, n)  (0-d tensor).
 
     logp: [N, T] log-probabilities of the actual next tokens. Unmasked positions are ignored even if NaN/inf; an empty
-    mask gives 0 (still attached to the graph).
+    mask gives 0 (still attached to the graph). n: `num_tokens` when given (the masked tokens of the whole step, over
+    every micro-batch and rank, so that the micro-batch losses add up to the step's), else sum m.
     """
     if logp.dim() != 2:
         raise ValueError(f"logp must be 2-D [N, T], got shape {tuple(logp.shape)}")
     m = _mask_like(mask, logp)
     nll = torch.where(m, -logp, torch.zeros_like(logp))
-    return nll.sum() / m.sum().clamp(min=1)
+    n = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=nll.dtype, device=nll.device)
+    return nll.sum() / n.clamp(min=1)
 
 
 def linear_schedule(step, total_steps, *, start: float, end: float) -> float:

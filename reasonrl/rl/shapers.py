@@ -1,14 +1,17 @@
 """Reward shapers: a list applied in order to the step's rewards (`algorithm.reward_shapers`).
 
-Each shaper sees the batch (`ShapingContext`) and returns the new reward vector plus metrics. Some also act before
-generation: the RMT budget shaper sets each prompt's `max_new_tokens`, the effort shaper draws each prompt's effort
+Each shaper sees the batch (`ShapingContext`) and returns the new reward vector, the new correctness term and
+metrics. The reward is R = R_correct * (product of the gates) + (sum of the additive terms): a shaper that gates
+(e1 effort, the RMT budget's `multiplicative` mode) multiplies the correctness term R_correct only, as the papers
+define it, so that the penalties and bonuses added before it (DAPO overlong, RMT additive length reward) survive;
+a shaper that adds leaves R_correct as it is. Some also act before generation: the RMT budget shaper sets each prompt's `max_new_tokens`, the effort shaper draws each prompt's effort
 (shown in the prompt). Per-prompt running statistics live in `PromptLengthTracker`s, checkpointed with the run.
 
 - `overlong`: DAPO soft overlong punishment, added (algorithms.md 0).
 - `rmt_budget`: RMT dynamic token budget (algorithms.md 3.1): B_t(x) = max(B_min, B_0(x) * gamma^((t/T)^k)) with
   B_0(x) the running (EMA) length of x's correct completions (before any: `initial`); the triangular length reward
-  r_len(l; B_t) is added to correct answers (weight) or multiplies the reward; generation stops at margin * B_t.
-- `effort`: e1 adaptive effort control (algorithms.md 5): the reward is paid only when the completion length
+  r_len(l; B_t) is added to correct answers (weight) or multiplies R_correct; generation stops at margin * B_t.
+- `effort`: e1 adaptive effort control (algorithms.md 5): R_correct is paid only when the completion length
   l <= r * T(x), r the prompt's effort, T(x) its mean completion length: this group's (`mean: group`), the prompt's
   running EMA (`ema`), or the running EMA of the prompt's full-effort groups only (`full_effort`, falling back to
   that of all prompts), so that lower efforts are fractions of the unconstrained length rather than of a mean that
@@ -27,6 +30,7 @@ from reasonrl.data.effort import EFFORT_LEVELS, check_effort
 from reasonrl.rl.length_control import (
     PromptLengthTracker,
     budget_length_reward,
+    combine_length_reward,
     correct_length_budget,
     effort_reward,
     group_mean_length,
@@ -54,6 +58,18 @@ class ShapingContext:
     max_tokens: torch.Tensor | None = None  # [N] each row's own max_new_tokens (RMT budget)
     # every rank's (keys, values) for tracker updates: identity in one process, an all-gather otherwise
     gather: callable = field(default=lambda keys, values: (keys, values))
+    # [N] the correctness term R_correct of `rewards` (the weighted accuracy reward); None: `correct`
+    correct_reward: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.correct_reward is None:
+            self.correct_reward = self.correct.to(self.rewards.dtype)
+
+
+def _regated(ctx: ShapingContext, gated_correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, R_correct) after a gate turned R_correct into `gated_correct`: the other terms are kept."""
+    gated = gated_correct.to(ctx.rewards.dtype)
+    return ctx.rewards - ctx.correct_reward + gated, gated
 
 
 class OverlongShaper:
@@ -68,7 +84,8 @@ class OverlongShaper:
         else:  # per-row limits (a budget shaper ran before generation)
             penalty = torch.stack([overlong_penalty(ctx.lengths[i : i + 1], max_len=int(m), buffer=min(self.buffer,
                                    int(m)), factor=self.factor)[0] for i, m in enumerate(max_len.tolist())])
-        return ctx.rewards + penalty.to(ctx.rewards.dtype), {"reward/overlong_penalty": float(penalty.mean())}
+        shaped = ctx.rewards + penalty.to(ctx.rewards.dtype)
+        return shaped, ctx.correct_reward, {"reward/overlong_penalty": float(penalty.mean())}
 
 
 class BudgetShaper:
@@ -96,12 +113,14 @@ class BudgetShaper:
 
     def __call__(self, ctx: ShapingContext):
         budget = self.budgets(ctx.prompt_keys, ctx.step, ctx.total_steps, ctx.max_new_tokens)
-        r_len = budget_length_reward(ctx.lengths.double(), budget, shape=self.shape).to(ctx.rewards.dtype)
+        r_len = budget_length_reward(ctx.lengths.double(), budget, shape=self.shape)
+        c = ctx.correct_reward.double()
+        total = combine_length_reward(c, r_len, mode=self.mode, weight=self.weight)
+        if self.mode == "additive":  # c + bonus: the bonus is an added term, R_correct stays
+            shaped, correct_reward = ctx.rewards + (total - c).to(ctx.rewards.dtype), ctx.correct_reward
+        else:  # c * r_len: a gate on R_correct
+            shaped, correct_reward = _regated(ctx, total)
         correct = (ctx.correct > 0).to(ctx.rewards.dtype)
-        if self.mode == "additive":
-            shaped = ctx.rewards + self.weight * r_len * correct
-        else:
-            shaped = ctx.rewards * r_len
         # the next budgets start from the lengths of correct answers (groups without one keep their statistics)
         g = ctx.group_size
         per_group = correct_length_budget(ctx.lengths.double(), correct, g, quantile=self.quantile, fallback=1.0)
@@ -109,7 +128,8 @@ class BudgetShaper:
         keys = [ctx.prompt_keys[i * g] for i, ok in enumerate(has_correct) if ok]
         values = [float(v) for v, ok in zip(per_group, has_correct) if ok]
         self.tracker.update(*ctx.gather(keys, values))
-        return shaped, {"rmt/budget_mean": float(budget.mean()), "rmt/length_reward_mean": float(r_len.mean())}
+        return shaped, correct_reward, {"rmt/budget_mean": float(budget.mean()),
+                                        "rmt/length_reward_mean": float(r_len.mean())}
 
     def state_dict(self) -> dict:
         return self.tracker.state_dict()
@@ -145,11 +165,16 @@ class EffortShaper:
             reference = torch.tensor(self._running_reference(keys, means), dtype=torch.float64)
         self._update(keys, means, ctx.efforts.view(-1, g)[:, 0].tolist(), ctx.gather)
         per_row = reference.repeat_interleave(g)
-        gate = effort_reward(torch.ones_like(per_row), ctx.lengths.double(), ctx.efforts.double(), per_row,
-                             band=self.band, truncated=ctx.truncated)
-        shaped = ctx.rewards * gate.to(ctx.rewards.dtype)
-        return shaped, {"effort/within_frac": float(gate.mean()), "effort/mean_length": float(per_row.mean()),
-                        "effort/mean": float(ctx.efforts.mean())}
+
+        def gate_of(c):
+            return effort_reward(c, ctx.lengths.double(), ctx.efforts.double(), per_row, band=self.band,
+                                 truncated=ctx.truncated)
+
+        gate = gate_of(torch.ones_like(per_row))
+        shaped, correct_reward = _regated(ctx, gate_of(ctx.correct_reward.double()))  # R_correct * 1[l <= r T]
+        metrics = {"effort/within_frac": float(gate.mean()), "effort/mean_length": float(per_row.mean()),
+                   "effort/mean": float(ctx.efforts.mean())}
+        return shaped, correct_reward, metrics
 
     def _running_reference(self, keys: list[str], group_means: list[float]) -> list[float]:
         """ema: the prompt's EMA, first visit: this group's mean. full_effort: the prompt's EMA over its full-effort
@@ -185,9 +210,9 @@ def build_shaper(name: str, args: dict):
 
 
 def apply_shapers(shapers: list, ctx: ShapingContext) -> tuple[torch.Tensor, dict]:
-    """Run the shapers in order, each on the previous one's rewards."""
+    """Run the shapers in order, each on the previous one's rewards and correctness term."""
     metrics: dict = {}
     for shaper in shapers:
-        ctx.rewards, more = shaper(ctx)
+        ctx.rewards, ctx.correct_reward, more = shaper(ctx)
         metrics.update(more)
     return ctx.rewards, metrics

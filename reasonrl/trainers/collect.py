@@ -7,7 +7,7 @@ to stop and on how many groups each keeps, so every rank trains on the same numb
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class Scored:
     valid: torch.Tensor  # [P * G] bool: every reward function returned a finite number
     per_func: dict[str, list[float]]  # each reward function's raw scores (NaN where it failed)
     errors: int
+    failures: dict[str, str] = field(default_factory=dict)  # reward function -> its last failure (traceback)
 
     @property
     def group_size(self) -> int:
@@ -39,6 +40,7 @@ class Scored:
             rows=[self.rows[i] for i in groups], batch=self.batch.select_rows(idx), texts=[self.texts[i] for i in rows],
             rewards=self.rewards[idx], valid=self.valid[idx],
             per_func={k: [v[i] for i in rows] for k, v in self.per_func.items()}, errors=self.errors,
+            failures=self.failures,
         )
 
 
@@ -48,7 +50,7 @@ def concat_scored(parts: list[Scored]) -> Scored:
         texts=[t for p in parts for t in p.texts], rewards=torch.cat([p.rewards for p in parts]),
         valid=torch.cat([p.valid for p in parts]),
         per_func={k: [v for p in parts for v in p.per_func[k]] for k in parts[0].per_func},
-        errors=sum(p.errors for p in parts),
+        errors=sum(p.errors for p in parts), failures={k: v for p in parts for k, v in p.failures.items()},
     )
 
 

@@ -14,8 +14,10 @@ import functools
 import json
 import math
 import random
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +32,8 @@ from reasonrl.data.prompts import encode_prompt
 from reasonrl.data.tasks import load_task_rows
 from reasonrl.malloc_tuning import tune_malloc
 from reasonrl.models import load_model, load_tokenizer, resolve_model_path
-from reasonrl.rewards.combine import resolve_reward, score_batch
+from reasonrl.rewards.combine import RewardFailureError, resolve_reward, score_batch
+from reasonrl.rewards.math import take_grader_errors
 from reasonrl.rl.advantages import compute_advantages
 from reasonrl.rl.hapo import EntropyStats
 from reasonrl.rl.length_control import linear_schedule, select_curriculum_tokens
@@ -72,7 +75,7 @@ from reasonrl.trainers.sequence_parallel import DataParallelView, broadcast_from
 from reasonrl.trainers.step import fixed_logprobs, group_stats, lockstep_acc, train_on_batch
 from reasonrl.trainers.sync_check import check_weight_sync, default_tolerance
 from reasonrl.trainers.tracking import Tracker
-from reasonrl.trainers.validation import build_reward_shapers, validate
+from reasonrl.trainers.validation import build_reward_shapers, needs_entropy, validate
 
 
 def _uses_hapo_entropy(algo) -> bool:
@@ -101,6 +104,7 @@ class GRPOTrainer:
             for spec in config.rewards
         ]
         self.logged_reward_errors: set[str] = set()
+        self.failed_reward_steps = 0  # consecutive steps on which no sample got a reward
         self.shapers = build_reward_shapers(config)
         self.budget_shaper = next((x for x in self.shapers if isinstance(x, BudgetShaper)), None)
         self.effort_shaper = next((x for x in self.shapers if isinstance(x, EffortShaper)), None)
@@ -153,9 +157,9 @@ class GRPOTrainer:
         # the server (and a resumed LoRA run's vllm engine) starts from the base model; it must sample from ours
         if config.rollout.engine == "server" or (lora_on and self.resume_from):
             self._sync_weights()
-        a = config.algorithm
+        self.needs_entropy = needs_entropy(config)  # decided once: HAPO, D3S tokens or the RMT curriculum read them
         if hasattr(self.engine, "return_entropy"):  # free with the hf engine; others need an old-policy pass
-            self.engine.return_entropy = _uses_hapo_entropy(a) or a.d3s.token_keep_start < 1
+            self.engine.return_entropy = self.needs_entropy
         self.sampling_stats: EntropyStats | None = None  # HAPO: the previous step's entropy statistics
         self.step = 0
         self.eval_history: list[dict] = []
@@ -164,7 +168,7 @@ class GRPOTrainer:
         self.tracker = Tracker(
             active=self.acc.is_main_process, output_dir=str(self.out_dir), project=config.logging.project,
             mode=config.logging.wandb_mode, config=OmegaConf.to_container(OmegaConf.structured(config)),
-            run_name=self.out_dir.name,
+            run_name=self.out_dir.name, resume_step=self.step if self.resume_from else None,
         )
         if self.acc.is_main_process:
             save_config(config, self.out_dir / "config.yaml")
@@ -238,11 +242,23 @@ class GRPOTrainer:
         batch, texts = self._generate(rows, self._sampling_params(step, round_))
         g = self.config.rollout.group_size
         columns = {key: [row[key] for row in rows for _ in range(g)] for key in rows[0]}
-        total, valid, per_func, errors = score_batch(
-            self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
-            logged=self.logged_reward_errors,
-        )
-        return Scored(rows, batch, texts, torch.tensor(total), torch.tensor(valid), per_func, errors)
+        scores = score_batch(self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
+                             logged=self.logged_reward_errors)
+        return Scored(rows, batch, texts, torch.tensor(scores.total), torch.tensor(scores.valid), scores.per_func,
+                      scores.errors, scores.failures)
+
+    def _check_reward_failures(self, scored: Scored) -> None:
+        """A reward that fails for every sample of a step, `trainer.max_failed_reward_steps` steps in a row, stops
+        the run with its traceback: otherwise the run would exit 0 after training on nothing."""
+        counts = torch.tensor([float(scored.valid.sum()), float(scored.errors)], device=self.acc.device)
+        valid, errors = self.dp.reduce(counts, reduction="sum").tolist()
+        self.failed_reward_steps = self.failed_reward_steps + 1 if valid == 0 and errors > 0 else 0
+        limit = self.config.trainer.max_failed_reward_steps
+        if self.failed_reward_steps >= limit:
+            detail = "\n".join(f"{name}: {text}" for name, text in scored.failures.items()) or "(on another rank)"
+            raise RewardFailureError(
+                f"the reward failed for every sample on {self.failed_reward_steps} consecutive steps "
+                f"(trainer.max_failed_reward_steps={limit}); the last failure:\n{detail}")
 
     def _collect(self, step: int) -> tuple[Scored, dict]:
         ds = self.config.algorithm.dynamic_sampling
@@ -259,13 +275,23 @@ class GRPOTrainer:
             return torch.tensor(scored.per_func["accuracy"]).nan_to_num(0.0).clamp(min=0.0)
         return (scored.rewards > 0).float()
 
+    def _correct_reward(self, scored: Scored) -> torch.Tensor:
+        """[N] R_correct, the part of the reward that the length gates act on: the weighted accuracy reward when
+        there is one, else the whole reward (a correctness-only reward such as drqa_concise)."""
+        weights = [spec.weight for spec in self.config.rewards if spec.name == "accuracy"]
+        if not weights:
+            return scored.rewards.float()
+        values = torch.tensor(scored.per_func["accuracy"]).nan_to_num(0.0)
+        return (sum(weights) * values * scored.valid).float()
+
     def _shape_rewards(self, scored: Scored, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The reward shapers in order (overlong, RMT budget, effort, ...)."""
         rows, g = scored.rows, self.config.rollout.group_size
         per_row = lambda key: [row[key] for row in rows for _ in range(g)] if rows and key in rows[0] else None
         efforts, limits = per_row("effort"), per_row("max_new_tokens")
         ctx = ShapingContext(
-            rewards=scored.rewards.float(), correct=self._correct(scored), lengths=lengths,
+            rewards=scored.rewards.float(), correct=self._correct(scored), correct_reward=self._correct_reward(scored),
+            lengths=lengths,
             truncated=torch.tensor([reason == "length" for reason in scored.batch.finish_reasons]),
             prompt_keys=per_row("question"), group_size=g, step=self.step, total_steps=self.config.trainer.steps,
             max_new_tokens=self.config.rollout.max_new_tokens,
@@ -288,8 +314,7 @@ class GRPOTrainer:
         """(log-probs, entropies) [N, T] of the policy that sampled the batch, by a no-grad forward. Skipped when
         nothing needs them or when the engine returned the entropies (the hf engine does)."""
         a = self.config.algorithm
-        need_entropy = ((_uses_hapo_entropy(a) or a.d3s.token_keep_start < 1 or a.rmt.curriculum)
-                        and batch.rollout_entropy is None)
+        need_entropy = self.needs_entropy and batch.rollout_entropy is None
         need_logp = a.num_iterations > 1 or (a.kl_in == "reward" and self.ref_model is not None)
         if not (need_entropy or need_logp):
             return None, batch.rollout_entropy
@@ -321,6 +346,8 @@ class GRPOTrainer:
         a, g = cfg.algorithm, cfg.rollout.group_size
         t0 = time.perf_counter()
         scored, extra = self._collect(self.step)
+        grader_errors = take_grader_errors()
+        self._check_reward_failures(scored)
         if getattr(self.engine, "sleep_enabled", False):  # colocated vLLM on GPU: free its memory for training
             self.engine.sleep(level=1)
             self.engine_asleep = True
@@ -353,6 +380,7 @@ class GRPOTrainer:
         if token_keep < 1:
             batch.loss_mask = d3s_token_mask(acc, advantages, entropy, batch.loss_mask, keep_fraction=token_keep,
                                              scope=a.d3s.token_scope)
+        after_d3s_tokens = batch.loss_mask.sum()
         if a.rmt.curriculum:  # RMT: RL on a share of the tokens, from low to high entropy over training
             batch.loss_mask = select_curriculum_tokens(
                 entropy, batch.loss_mask & batch.completion_mask, self.step / max(cfg.trainer.steps - 1, 1),
@@ -379,6 +407,7 @@ class GRPOTrainer:
             old_logp=old_logp, h_hat=h_hat, rollout_is=self._rollout_is(), rl_weight=a.rmt.rl_weight,
             ntp_weight=ntp_weight,
         )
+        self._advance_schedule()
         sync_metrics = self._sync_weights(batch, check=_due(self.step + 1, cfg.rollout.sync_check_every))
         t3 = time.perf_counter()
         self.step += 1
@@ -387,7 +416,9 @@ class GRPOTrainer:
             "completion/len_sum": lengths.sum(), "completion/clipped": torch.tensor(
                 float(sum(reason == "length" for reason in batch.finish_reasons))),
             "reward/errors": torch.tensor(float(scored.errors)), "reward/invalid": (~valid).sum().float(),
-            "tokens/before_d3s": before_tokens.float(), "tokens/trained": batch.loss_mask.sum().float(),
+            "reward/grader_errors": torch.tensor(float(grader_errors)),
+            "tokens/before_d3s": before_tokens.float(), "tokens/after_d3s": after_d3s_tokens.float(),
+            "tokens/trained": batch.loss_mask.sum().float(),
             "rows/kept": keep.sum().float(),
         }
         reduced = {k: acc.reduce(v.float().to(acc.device), reduction="sum").item() for k, v in sums.items()}
@@ -399,24 +430,33 @@ class GRPOTrainer:
             "completion/len_max": max_len,
             "completion/clipped_frac": reduced["completion/clipped"] / n_all,
             "reward/errors": reduced["reward/errors"],
+            "reward/grader_errors": reduced["reward/grader_errors"],
             "reward/invalid": reduced["reward/invalid"],
             **{f"reward/{name}": _nanmean_across(acc, torch.tensor(v)) for name, v in scored.per_func.items()},
             **adv_metrics,
             **extra,
             "d3s/sample_keep_frac": reduced["rows/kept"] / n_all,
-            "d3s/token_keep_frac": reduced["tokens/trained"] / max(reduced["tokens/before_d3s"], 1.0),
+            "d3s/token_keep_frac": reduced["tokens/after_d3s"] / max(reduced["tokens/before_d3s"], 1.0),
             "train/loss_tokens": reduced["tokens/trained"],
             **train_metrics,
             **sync_metrics,
             "time/generate": t1 - t0, "time/prepare": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
             "throughput/gen_tokens_per_s": reduced["completion/len_sum"] / max(t1 - t0, 1e-9),
         }
-        if self.step % max(1, cfg.logging.sample_table_every) == 0 or self.step == 1:
+        if self.step % cfg.logging.sample_table_every == 0 or self.step == 1:
             self.tracker.log_samples(self.step, [
                 {"prompt": row["question"], "answer": row["answer"], "completion": scored.texts[i * g],
                  "reward": float(rewards[i * g])} for i, row in enumerate(scored.rows[:4])
             ])
         return metrics
+
+    def _advance_schedule(self) -> None:
+        """One schedule step per trainer step, trained or skipped: the schedule spans trainer.steps whatever
+        algorithm.num_iterations is, and a skipped step does not shift the decay. (torch warns when a schedule
+        steps before the optimizer has: that is a skipped first step here, and intended.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
 
     def _sync_weights(self, batch: RolloutBatch | None = None, *, check: bool = False) -> dict:
         """Push the policy's weights into the rollout engine (a no-op for hf, which generates with the policy) and,
@@ -457,17 +497,19 @@ class GRPOTrainer:
         if self.zero == 3 and self.config.rollout.engine == "hf" and mine:  # generation runs in lockstep: equal rows
             mine = mine + mine[:1] * (math.ceil(len(self.eval_rows) / self.acc.num_processes) - len(mine))
         t0 = time.perf_counter()
+        take_grader_errors()  # the step's count was logged with the step
         result = greedy_accuracy(
             self.engine, self.tokenizer, mine, template=self.config.data.template,
             max_new_tokens=self.config.trainer.eval_max_new_tokens, num_scored=scored,
         )
-        counts = torch.tensor([result["correct"], result["n"], result["tokens"]])
-        correct, n, tokens = self.dp.reduce(counts, reduction="sum").tolist()
+        counts = torch.tensor([result["correct"], result["n"], result["tokens"], take_grader_errors()])
+        correct, n, tokens, grader_errors = self.dp.reduce(counts, reduction="sum").tolist()
         record = {"step": self.step, "accuracy": correct / max(n, 1), "mean_length": tokens / max(n, 1), "n": n,
                   "seconds": time.perf_counter() - t0}
         self.eval_history.append(record)
         self.tracker.log_samples(self.step, result["samples"][:8])
-        return {"eval/accuracy": record["accuracy"], "eval/mean_length": record["mean_length"]}
+        return {"eval/accuracy": record["accuracy"], "eval/mean_length": record["mean_length"],
+                "eval/grader_errors": grader_errors}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -610,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             trainer.close()
         leave_process_group()
+    except ConfigError as err:  # a rule that needs the process count or the loaded pieces (validate, engines)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # a peer died or stalled: say so instead of a bare gloo/NCCL trace
         if not is_peer_failure(err):
             raise

@@ -14,7 +14,7 @@ import torch
 
 from reasonrl.rl.hapo import hapo_surrogate
 from reasonrl.rl.importance import rollout_correction
-from reasonrl.rl.length_control import dual_loss
+from reasonrl.rl.length_control import dual_loss, ntp_token_loss
 from reasonrl.rl.losses import aggregate_loss, clipped_surrogate, entropy_term, kl_estimate
 from reasonrl.trainers.distributed import backward, optimizer_step, zero_stage
 from reasonrl.trainers.policy import completion_logprobs, packed_completion_logprobs
@@ -171,6 +171,10 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                    rollout_is: dict | None = None, rl_weight: float = 1.0, ntp_weight: float = 0.0) -> dict:
     """Runs `algo.num_iterations` optimizer steps on this rank's rows of the batch; returns global metrics.
 
+    The learning-rate schedule is a function of the trainer step: every iteration of a step uses the same lr, and
+    the caller steps `scheduler` once per trainer step, trained or skipped. Token-based schedules (`add_tokens`)
+    count the tokens of each optimizer step here.
+
     old_logp: [N, T] log-probs of the sampling policy (None: the first iteration's own, detached: ratio 1).
     h_hat: [N, T] HAPO normalized entropy, when adaptive clipping or advantage redistribution is on.
     rollout_is: keyword arguments of `rollout_correction` (level, mode, cap, floor) to reweight the policy-gradient
@@ -182,7 +186,8 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     mask = batch.trained_mask()
     ntp_mask = batch.ntp_mask if ntp_weight and batch.ntp_mask is not None else torch.zeros_like(mask)
     ntp_mask = ntp_mask & batch.completion_mask
-    counts = torch.stack([mask.sum(), mask.any(-1).sum(), ntp_mask.sum()]).float().to(device)
+    # every row counts as a sequence, trained tokens or not (TRL's grpo/dr_grpo normalisation)
+    counts = torch.tensor([mask.sum(), mask.shape[0], ntp_mask.sum()], dtype=torch.float, device=device)
     global_tokens, global_seqs, global_ntp_tokens = acc.reduce(counts, reduction="sum")
     kl_in_loss = ref_model is not None and algo.kl_in == "loss"
     rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
@@ -199,7 +204,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     grad_norms, lrs = [], []
     if not chunks or (global_tokens.item() == 0 and global_ntp_tokens.item() == 0):  # nothing to learn anywhere
         sums["is_skipped"] = 1.0
-        return _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations)
+        return _finish_metrics(acc, sums, grad_norms, [_current_lr(optimizer)], algo.num_iterations)
     ref_logp = None
     if kl_in_loss:
         ref_logp, _ = fixed_logprobs(ref_model, batch, rows, **frozen)
@@ -245,7 +250,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 loss = rl_loss
                 if ntp_weight:
                     ntp_m = ntp_mask[idx, :width].to(logp.device)
-                    ntp = -(logp * ntp_m).sum() / global_ntp_tokens.clamp(min=1)
+                    ntp = ntp_token_loss(logp, ntp_m, num_tokens=global_ntp_tokens)
                     loss = dual_loss(rl_loss, ntp, rl_weight=rl_weight, ntp_weight=ntp_weight)
                     sums["ntp"] += float(ntp.detach()) * weight
                 elif rl_weight != 1.0:
@@ -265,9 +270,8 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 token_weighted[key] = token_weighted.get(key, 0.0) + float(value) * n_tok
         if hasattr(scheduler, "add_tokens"):  # token-based schedules see the tokens of this optimizer step
             scheduler.add_tokens(float(global_tokens))
-        lrs.append(scheduler.get_last_lr()[0])
+        lrs.append(_current_lr(optimizer))
         grad_norms.append(optimizer_step(acc, model, optimizer, max_grad_norm=optim.max_grad_norm))
-        scheduler.step()
     metrics = _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
     if rollout_is is not None and batch.rollout_logprobs is not None:
         local = torch.tensor(extremes, dtype=torch.float64).amax(0) if extremes else torch.full((3,), -math.inf,
@@ -276,6 +280,10 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
         metrics.update({"sampling/logp_diff_max": diff_max, "sampling/is_ratio_max": ratio_max,
                         "sampling/is_ratio_min": -neg_ratio_min})
     return metrics
+
+
+def _current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def _finish_metrics(acc, sums: dict, grad_norms: list, lrs: list, iterations: int,

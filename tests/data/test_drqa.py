@@ -203,7 +203,7 @@ def test_concise_correct_validates_and_is_registered():
     assert func is concise_correct
     # as the trainer calls it: every row column is a keyword argument (extra ones ignored)
     columns = {"question": ["q", "q"], "answer": ["42", "42"], "ref_length": [20, 20], "pairs": [[], []]}
-    total, valid, _, errors = score_batch([("drqa_concise", func, 1.0)], ["#### 42", "#### 0"], columns)
+    total, valid, _, errors, _ = score_batch([("drqa_concise", func, 1.0)], ["#### 42", "#### 0"], columns)
     assert total == pytest.approx([1.325, 0.0]) and valid == [True, True] and errors == 0
 
 

@@ -5,8 +5,6 @@ import pytest
 
 from reasonrl.data.prompts import DataError, arithmetic_rows, build_prompt, load_jsonl_rows
 
-GSM8K = "/work/shared/data/gsm8k/test.jsonl"
-
 
 def test_arithmetic_deterministic_and_correct():
     a = arithmetic_rows(20, seed=3, digits=3, operands=3)
@@ -21,12 +19,9 @@ def test_arithmetic_deterministic_and_correct():
     assert all("*" in r["question"] for r in arithmetic_rows(5, seed=0, operators="*"))
 
 
-def test_gsm8k_sample(tmp_path):
-    try:
-        with open(GSM8K) as f:
-            lines = list(islice(f, 3))
-    except FileNotFoundError:
-        pytest.skip("gsm8k not available")
+def test_gsm8k_sample(tmp_path, shared_data):
+    with open(shared_data / "gsm8k" / "test.jsonl") as f:  # a missing file is a failure, not a skip
+        lines = list(islice(f, 3))
     p = tmp_path / "g.jsonl"
     p.write_text("".join(lines))
     rows = load_jsonl_rows(p)

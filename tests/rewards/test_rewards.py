@@ -70,7 +70,7 @@ def _ones(completions, **kw):
 
 def test_score_batch_weights():
     comps = ["#### 15", "#### 3"]
-    total, valid, per, errors = score_batch(
+    total, valid, per, errors, _ = score_batch(
         [("accuracy", accuracy_reward, 2.0), ("format", format_reward, 0.5)], comps, {"answer": ["15", "4"]}
     )
     assert total == [2.5, 0.5] and valid == [True, True] and errors == 0
@@ -81,19 +81,21 @@ def test_score_batch_raising_logged_once(caplog):
     caplog.set_level(logging.WARNING, logger="reasonrl.rewards")
     logged = set()
     for _ in range(2):
-        total, valid, _per, errors = score_batch(
+        total, valid, _per, errors, failures = score_batch(
             [("boom", _boom, 1.0), ("ones", _ones, 1.0)], ["a", "b"], {}, logged=logged
         )
         assert valid == [False, False] and total == [0.0, 0.0] and errors == 1
+        # every call reports its failure with the traceback, although only the first one is logged
+        assert list(failures) == ["boom"] and "Traceback" in failures["boom"] and "_boom" in failures["boom"]
     recs = [r for r in caplog.records if "boom" in r.getMessage()]
     assert len(recs) == 1 and recs[0].exc_info is not None
 
 
 def test_score_batch_nan_and_length(caplog):
-    total, valid, per, errors = score_batch([("nan", _nan, 1.0), ("ones", _ones, 1.0)], ["a", "b", "c"], {})
+    total, valid, per, errors, _ = score_batch([("nan", _nan, 1.0), ("ones", _ones, 1.0)], ["a", "b", "c"], {})
     assert valid == [True, False, False] and total == [2.0, 0.0, 0.0] and errors == 1
     assert math.isnan(per["nan"][1])
-    total, valid, _per, errors = score_batch([("short", _short, 1.0)], ["a", "b"], {})
+    total, valid, _per, errors, _ = score_batch([("short", _short, 1.0)], ["a", "b"], {})
     assert valid == [False, False] and errors == 1
     assert any("short" in r.getMessage() for r in caplog.records)
 

@@ -576,6 +576,15 @@ def test_ntp_token_loss_naive_reference():
         ntp_token_loss(torch.ones(2, 3), torch.ones(3, 2))
 
 
+def test_ntp_token_loss_micro_batches_add_up_with_the_global_count():
+    g = _gen(11)
+    logp = -torch.rand(6, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 5, generator=g) < 0.6
+    whole = ntp_token_loss(logp, mask)
+    parts = sum(ntp_token_loss(logp[k : k + 2], mask[k : k + 2], num_tokens=mask.sum()) for k in range(0, 6, 2))
+    torch.testing.assert_close(parts, whole)
+
+
 def test_dual_loss():
     rl = torch.tensor(0.7, requires_grad=True)
     logp = torch.tensor([[-1.0, -2.0, -4.0]], requires_grad=True)

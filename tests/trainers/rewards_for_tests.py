@@ -10,6 +10,11 @@ def always_raises(completions, **kwargs):
     raise RuntimeError("this reward is broken on purpose")
 
 
+def nan_on_every_other_sample(completions, **kwargs):
+    """digit_count, but NaN (a failed score) for every second sample: a partial failure."""
+    return [float("nan") if i % 2 else value for i, value in enumerate(digit_count(completions))]
+
+
 _calls = {"n": 0}
 
 

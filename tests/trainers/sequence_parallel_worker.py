@@ -47,6 +47,7 @@ def run(model_dir: str, sequence_parallel: int, ring: str = "stripe") -> tuple[o
         batch, advantages = step_inputs(step)
         metrics = train_on_batch(model, optimizer, scheduler, data, batch.select_rows(mine), advantages[mine],
                                  algo=algorithm(), optim=optim, pad_id=PAD, temperature=1.0, norm_constant=WIDTH)
+        scheduler.step()
         losses.append(metrics["loss/policy"])
         grad_norms.append(metrics["optim/grad_norm"])
         entropies.append(metrics["policy/entropy"])

@@ -71,6 +71,7 @@ def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | 
         local = batch.select_rows(mine)
         metrics = train_on_batch(model, optimizer, scheduler, acc, local, advantages[mine], algo=algorithm(),
                                  optim=optim, pad_id=PAD, temperature=1.0, norm_constant=WIDTH)
+        scheduler.step()
         losses.append(metrics["loss/policy"])
         grad_norms.append(metrics["optim/grad_norm"])
     params, most_materialized = {}, 0

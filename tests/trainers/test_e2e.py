@@ -1,6 +1,8 @@
 """The real entry point on the tiny model: learning changes every parameter, and resume repeats the next step."""
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,12 @@ def overrides(model_dir, out_dir, steps, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def subprocess_env():
+    """The environment of a trainer subprocess: the test rewards importable as `rewards_for_tests:...`."""
+    here = str(Path(__file__).parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+
+
 def history(out_dir):
     return {row["step"]: row for row in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())}
 
@@ -41,11 +49,18 @@ def test_training_changes_every_parameter_and_logs_everything(tiny_model_dir, tm
     assert unchanged == []
     rows = history(tmp_path)
     assert set(rows) == {0, 1, 2}  # eval at step 0, then two training steps
-    for key in ("reward/mean", "reward/zero_std_frac", "completion/len_mean", "completion/clipped_frac",
-                "policy/entropy", "clip/low_frac", "clip/high_frac", "loss/policy", "optim/grad_norm", "optim/lr",
-                "time/generate", "time/prepare", "time/train", "throughput/gen_tokens_per_s",
-                "reward/rewards_for_tests:digit_count", "eval/accuracy"):
-        assert key in rows[2], key
+    for step in (1, 2):
+        row = rows[step]
+        # one reward of weight 1 and no shaper: the step's reward is that function's mean
+        assert row["reward/mean"] == pytest.approx(row["reward/rewards_for_tests:digit_count"])
+        assert 0 <= row["reward/zero_std_frac"] <= 1 and 0 <= row["completion/clipped_frac"] <= 1
+        assert 0 < row["completion/len_mean"] <= row["completion/len_max"] <= 6  # rollout.max_new_tokens
+        assert row["policy/entropy"] > 0 and row["optim/grad_norm"] > 0 and math.isfinite(row["loss/policy"])
+        assert row["optim/lr"] == 1e-3  # constant schedule
+        assert 0 <= row["clip/low_frac"] <= 1 and 0 <= row["clip/high_frac"] <= 1
+        assert min(row["time/generate"], row["time/prepare"], row["time/train"]) > 0
+        assert row["throughput/gen_tokens_per_s"] > 0 and row["train/skipped"] == 0
+    assert 0 <= rows[2]["eval/accuracy"] <= 1
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "eval_results.json").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # an offline W&B run was written
 
@@ -85,11 +100,29 @@ def test_missing_model_names_the_fix(tmp_path):
         grpo.main(overrides(str(tmp_path / "nope"), tmp_path / "run", 1))
 
 
-def test_a_raising_reward_is_counted_and_the_run_continues(tiny_model_dir, tmp_path):
+def test_a_raising_reward_is_counted_and_one_failed_step_is_skipped(tiny_model_dir, tmp_path):
     rewards = "[{name: 'rewards_for_tests:always_raises'}, {name: 'rewards_for_tests:digit_count'}]"
     assert grpo.main(overrides(tiny_model_dir, tmp_path, 1, rewards=rewards)) == 0
     row = history(tmp_path)[1]
     assert row["reward/errors"] == 1 and row["reward/invalid"] == 8 and row["train/skipped"] == 1
+
+
+def test_partial_reward_failures_are_counted_skips(tiny_model_dir, tmp_path):
+    rewards = "[{name: 'rewards_for_tests:nan_on_every_other_sample'}]"
+    assert grpo.main(overrides(tiny_model_dir, tmp_path, 3, rewards=rewards)) == 0
+    rows = history(tmp_path)
+    assert all(rows[s]["reward/invalid"] == 4 and rows[s]["reward/errors"] == 1 for s in (1, 2, 3))
+
+
+def test_a_reward_that_always_fails_stops_the_run_with_its_traceback(tiny_model_dir, tmp_path):
+    rewards = "[{name: 'rewards_for_tests:always_raises'}]"
+    run = subprocess.run([sys.executable, "-m", "reasonrl.trainers.grpo",
+                          *overrides(tiny_model_dir, tmp_path, 6, rewards=rewards)],
+                         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300, check=False)
+    assert run.returncode != 0
+    assert "RewardFailureError" in run.stderr and "max_failed_reward_steps=2" in run.stderr
+    assert "this reward is broken on purpose" in run.stderr and "in always_raises" in run.stderr  # its traceback
+    assert set(history(tmp_path)) <= {0, 1}  # stopped during step 2: nothing more was logged
 
 
 def test_reasonrl_eval_prints_one_json_line(tiny_model_dir, tmp_path):
@@ -117,14 +150,19 @@ def test_every_algorithm_recipe_trains_end_to_end(tiny_model_dir, tmp_path, algo
         assert trained[0]["d3s/sample_keep_frac"] < 1 and trained[0]["d3s/token_keep_frac"] < 1
         assert trained[-1]["d3s/sample_keep_frac"] == 1 and trained[-1]["d3s/token_keep_frac"] == 1
     if algo.startswith("hapo"):
-        assert "hapo/entropy_pivot" in trained[0] and "hapo/adv_changed_frac" in trained[0]
+        assert trained[0]["hapo/entropy_pivot"] > 0 and 0 <= trained[0]["hapo/adv_changed_frac"] <= 1
         # step 1 samples at T0 (no statistics yet); later steps log the temperatures they sampled with
         assert "hapo/temperature_mean" not in trained[0]
         assert trained[1]["hapo/temperature_min"] <= trained[1]["hapo/temperature_mean"] <= trained[1][
             "hapo/temperature_max"]
     if algo == "dapo" or algo.startswith("hapo"):
-        assert all(r["dynamic/gen_rounds"] >= 1 for r in trained)
-        assert "reward/overlong_penalty" in trained[0]
+        for r in trained:  # dynamic sampling keeps groups with a reward spread only, up to the step's prompts
+            assert 1 <= r["dynamic/gen_rounds"] <= 3 and r["dynamic/prompts_generated"] == 4 * r["dynamic/gen_rounds"]
+            assert r["dynamic/groups_kept"] == 4 or r["dynamic/shortfall"] == 1
+            if r["dynamic/shortfall"] == 0:
+                assert r["reward/zero_std_frac"] == 0
+        # the random model runs into max_new_tokens = 6 with an overlong buffer of 3: penalised
+        assert -1 <= trained[0]["reward/overlong_penalty"] < 0
 
 
 def test_power_schedule_follows_tokens_and_kl_in_reward(tiny_model_dir, tmp_path):

@@ -129,7 +129,7 @@ def naive_general_grads(model, batch, adv, *, mode, eps_low, eps_high, norm_cons
     batch.trained_mask() (the model still reads every completion token)."""
     loss_mask = batch.trained_mask()
     k_tokens = float(loss_mask.sum())
-    s_seqs = float(loss_mask.any(-1).sum())
+    s_seqs = float(loss_mask.shape[0])
     model.zero_grad()
     total = 0.0
     for i in range(batch.num_rows):
