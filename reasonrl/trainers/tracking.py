@@ -109,7 +109,7 @@ def _start_wandb_run(wandb, run_dir: Path, resume_step: int | None, **init_kwarg
     if resume_step is not None and previous:
         try:
             return wandb.init(resume_from=f"{previous}?_step={resume_step}", **init_kwargs)
-        except wandb.errors.CommError as err:
+        except Exception as err:  # noqa: BLE001 - refused by the server, or the id held by a shared W&B service
             print(f"W&B could not rewind run {previous} to step {resume_step} ({err}); logging to a new W&B run",
                   file=sys.stderr, flush=True)
     run_id = uuid.uuid4().hex[:12]

@@ -124,3 +124,23 @@ def test_closeness_reward_hand_computed():
     got = closeness_reward(["#### 110", "so 100", "no number", "#### -50", "#### 0"], ["100", "100", "100", "100", "0"])
     assert got == [0.9, 1.0, 0.0, 0.0, 1.0]
     assert closeness_reward(["#### 3"], ["0"]) == [0.0]  # |gold| < 1: scale 1, so error 3 -> no credit
+
+
+def test_math_verify_errors_are_counted_and_logged_once(monkeypatch, caplog):
+    import math_verify
+
+    from reasonrl.rewards import math as math_rewards
+
+    def broken(*args, **kwargs):
+        raise TypeError("grader broke")
+
+    monkeypatch.setattr(math_verify, "parse", broken)
+    monkeypatch.setattr(math_rewards, "_grader_error_logged", False)
+    math_rewards.take_grader_errors()
+    caplog.set_level(logging.WARNING, logger="reasonrl.rewards")
+    # symbolic answers go to math_verify; its failure falls back to string equality and is counted
+    assert math_rewards.answers_match("\\frac{1}{2}", "\\frac{1}{2}") is True
+    assert math_rewards.answers_match("x + 1", "1 + x") is False
+    assert math_rewards.answers_match("12", "12.0") is True  # numeric: math_verify not asked
+    assert math_rewards.take_grader_errors() == 2 and math_rewards.take_grader_errors() == 0
+    assert len([r for r in caplog.records if "math_verify failed" in r.getMessage()]) == 1

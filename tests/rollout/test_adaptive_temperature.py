@@ -174,13 +174,6 @@ def test_hf_engine_accepts_the_processor(peaky_model, tiny_model_dir):
 
 
 # ---------------------------------------------------------------- vLLM v1: driving the processor class directly
-def _import_vllm_or_skip():
-    try:
-        import vllm  # noqa: F401
-    except (ImportError, RuntimeError, OSError) as err:
-        pytest.skip(f"vllm cannot be imported ({type(err).__name__}: {err})")
-
-
 S1 = EntropyStats(m=1.0, sigma=0.5, scale_pos=0.8, scale_neg=0.3)
 S2 = EntropyStats(m=0.2, sigma=1.5, scale_pos=2.0, scale_neg=0.6)
 
@@ -207,8 +200,7 @@ def _check_rows(proc, logits, expectations):
         )
 
 
-def test_vllm_processor_batch_updates():
-    _import_vllm_or_skip()
+def test_vllm_processor_batch_updates(vllm_module):
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     cls = vllm_logits_processor_class()
@@ -242,8 +234,7 @@ def test_vllm_processor_batch_updates():
     _check_rows(proc, logits[:3], {0: None, 1: a, 2: None})
 
 
-def test_vllm_processor_tau_zero_and_no_stats_are_noops():
-    _import_vllm_or_skip()
+def test_vllm_processor_tau_zero_and_no_stats_are_noops(vllm_module):
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     proc = vllm_logits_processor_class()(None, torch.device("cpu"), False)
@@ -256,8 +247,7 @@ def test_vllm_processor_tau_zero_and_no_stats_are_noops():
     assert not proc.rows
 
 
-def test_vllm_validate_params_and_loading():
-    _import_vllm_or_skip()
+def test_vllm_validate_params_and_loading(vllm_module):
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.sample.logits_processor import (
         LogitsProcessor,
@@ -323,10 +313,9 @@ def peaky_model_dir(tmp_path_factory):
     return str(out)
 
 
-def test_vllm_engine_samples_from_adapted_distribution(peaky_model_dir):
+def test_vllm_engine_samples_from_adapted_distribution(peaky_model_dir, vllm_module):
     """Processed log-probs returned by vLLM equal log_softmax(logits / T_t) with T_t from the teacher-forced HF
     logits; a request without the args in the same batch gets plain temperature sampling."""
-    _import_vllm_or_skip()
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.sampling_params import RequestOutputKind
 

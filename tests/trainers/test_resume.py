@@ -29,7 +29,10 @@ def _command(model_dir, out_dir, *extra):
 
 
 def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **extra}
+    """The runs' environment, without this pytest process's W&B service (WANDB_SERVICE, set by an earlier
+    in-process test): a killed run's stream would stay open in that shared service and block the resumed run."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _run_to_the_end(command: list) -> str:
