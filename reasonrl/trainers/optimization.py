@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 
@@ -56,3 +58,12 @@ def build_scheduler(optimizer, optim_cfg, *, total_steps: int, sequences_per_ste
                              schedule=optim_cfg.schedule)
     factor(0)  # a bad combination (e.g. decay longer than the run) fails here, before training
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def advance_schedule(scheduler) -> None:
+    """One schedule step per trainer step, trained or skipped: the schedule spans trainer.steps whatever
+    algorithm.num_iterations is, and a skipped step does not shift the decay. (torch warns when a schedule steps
+    before the optimizer has: that is a skipped first step here, and intended.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        scheduler.step()

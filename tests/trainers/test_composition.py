@@ -146,9 +146,9 @@ def test_every_pair_of_shapers_gives_the_formula(tiny_model_dir, tmp_path, monke
                  f"rollout.stop=[{','.join('abcdefghijkl')}]", "rollout.prompts_per_step=4",
                  f"rewards=[{{name: accuracy, weight: {ACCURACY_WEIGHT}}}, "
                  "{name: 'test_composition:constant_format'}]", f"algorithm.reward_shapers=[{shapers}]")
-    scored, _ = tr._collect(0)
+    scored, _ = tr.producer.collect(0)
     lengths = scored.batch.completion_mask.sum(-1).float()
-    rewards, _ = tr._shape_rewards(scored, lengths)
+    rewards, _ = tr.producer.shape_rewards(scored, lengths, 0)
     expected = by_hand(names, scored, lengths)
     assert rewards.tolist() == pytest.approx(expected, abs=1e-6)
     # the case is not degenerate: lengths vary, some rows are truncated, some correct
