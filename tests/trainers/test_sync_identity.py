@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import skip_or_fail_in_ci
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 BEFORE_SPLIT = "662c5795ab54643021df69e1c5bbef1e97573bdd"  # the last commit with the single train_step
