@@ -178,7 +178,9 @@ class RolloutConfig:
     # engine=server: a `reasonrl serve` process; the trainer hosts the gloo group for weight pushes at weight_host
     # (null: the address this machine uses to reach the server).
     server_url: str = "http://127.0.0.1:8000"
-    server_timeout_s: float = bounded(600.0, 1, 1e7, doc="seconds a server request may take")
+    server_timeout_s: float = bounded(600.0, 1, 1e7, doc="seconds any one wait on the server may take (an HTTP "
+                                      "call, one bucket of a weight push, forming the weight group): a dead or hung "
+                                      "server stops the run after at most this long")
     weight_host: str | None = None
     # After every `sync_check_every`-th weight sync (0 = never), probe that the engine scores two of the step's
     # sequences like the trainer; raise if the mean |log-prob gap| exceeds sync_check_tol (null: by engine dtype).

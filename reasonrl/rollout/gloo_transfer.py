@@ -15,8 +15,13 @@ Protocol (the trainer is rank 0 and hosts the rendezvous store; the server's sin
    without closing it) is replaced, so a restarted trainer can join again.
 2. ``/update_weights`` with ``{token, names, dtype_names, shapes, bucket_bytes}``: both sides plan the same buckets
    (``weight_buckets.plan_buckets``), the trainer broadcasts each bucket, and the worker loads it through vLLM's
-   layerwise reload. A push without the token, or before any group was opened, is refused with ``PermissionError``
-   before anything is received or changed.
+   layerwise reload. `ServerEngine` makes one such call per bucket (vLLM takes any number of them between start and
+   finish), so that it never needs the whole model's metadata, or tensors, up front. A push without the token, or
+   before any group was opened, is refused with ``PermissionError`` before anything is received or changed. The
+   worker waits for each bucket at most the group's ``timeout_s`` (the trainer's ``rollout.server_timeout_s``). A
+   push that stops half-way leaves the model part-reloaded: the next push finalises that reload first (see
+   `start_weight_update`; a trainer that joins closes an update vLLM still counts as open), then replaces every
+   weight.
 3. ``/finish_weight_update``: finalise the reload (re-runs each layer's weight processing, which rebuilds the CPU
    backend's packed GEMM weights) and refresh tied LM heads.
 4. ``/shutdown_weight_transfer_engine``: the trainer closes its group (`ServerEngine.close`); the next one may join.
@@ -117,8 +122,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         return True
 
     def start_weight_update(self) -> None:
-        """Nothing to prepare yet: the reload starts with the first authorised bucket, so a refused push (or a bare
-        ``/start_weight_update`` from anyone) leaves the model untouched."""
+        """Nothing to prepare: the reload starts with the first authorised bucket, so a refused push leaves the model
+        untouched. A reload a push left unfinished (its trainer died or gave up between buckets) is finalised here
+        first: its layers' buffered weights would otherwise mix with this push's (vLLM's layerwise reload resumes a
+        layer it had begun)."""
+        self.finish_weight_update()
 
     def update_weights(self, update_info: dict) -> None:
         self.receive_weights(self.parse_update_info(update_info))
@@ -167,9 +175,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.reloading = False
 
     def shutdown(self) -> None:
+        """Forget the group. An unfinished reload is kept, to be finalised before the next push (`start_weight_update`,
+        or the next trainer's `/finish_weight_update` when vLLM still counts the abandoned update as open)."""
         self.group = None
         self.store = None
-        self.reloading = False
 
 
 def register() -> None:

@@ -28,7 +28,11 @@ def join_group(store, *, rank: int, group_id: str, timeout_s: float):
     return dist.ProcessGroupGloo(prefixed, rank, GROUP_SIZE, datetime.timedelta(seconds=timeout_s))
 
 
-def broadcast_from_trainer(group, buffer: torch.Tensor) -> None:
+def broadcast_from_trainer(group, buffer: torch.Tensor, *, timeout_s: float | None = None) -> None:
+    """``buffer`` from rank 0 to rank 1. ``timeout_s`` bounds this one broadcast (None: the group's timeout): gloo
+    then raises, and the pair is closed for good (the group must be formed again)."""
     options = dist.BroadcastOptions()
     options.rootRank = 0
+    if timeout_s is not None:
+        options.timeout = datetime.timedelta(seconds=timeout_s)
     group.broadcast([buffer], options).wait()

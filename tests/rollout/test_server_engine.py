@@ -17,13 +17,13 @@ import time
 import pytest
 import torch
 from engine_reference import CASES, assert_matches_reference, trainer_entropies
+from serve_helpers import assert_scores_like, kill_server, start_server
 
 from reasonrl.cli import main
 from reasonrl.rollout.base import SamplingParams
 from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_HEADER
 from reasonrl.rollout.server_engine import ServerClient, ServerEngine, ServerRequestError, ServerUnavailableError
 
-LOGP_ATOL = 2e-4  # fp32 server vs fp32 transformers: different kernels and summation order
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65]]
 TOKEN = secrets.token_hex(16)  # the server's weight token, given at start in a file
 API_KEY = secrets.token_hex(8)  # its API key, given in the environment (REASONRL_API_KEY)
@@ -32,31 +32,10 @@ NORM = {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[
 
 @pytest.fixture(scope="module")
 def server(vllm_module, vllm_tiny_model_dir, tmp_path_factory, free_port):
-    port = free_port()
-    folder = tmp_path_factory.mktemp("server")
-    log, token_file = folder / "server.log", folder / "weight-token"
-    token_file.write_text(TOKEN + "\n")
-    cmd = [sys.executable, "-m", "reasonrl.cli", "serve", vllm_tiny_model_dir, "--port", str(port), "--dtype",
-           "float32", "--weight-token-file", str(token_file), "--", "--kv-cache-memory-bytes", str(1 << 28)]
-    env = {k: v for k, v in os.environ.items() if k != WEIGHT_TOKEN_ENV} | {API_KEY_ENV: API_KEY}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"reasonrl serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            ServerClient(url, 5).get("/health")
-            break
-        except ServerUnavailableError:
-            time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"reasonrl serve did not become healthy in 300 s:\n{log.read_text()[-3000:]}")
+    proc, url, log = start_server(vllm_tiny_model_dir, tmp_path_factory.mktemp("server"), free_port(), token=TOKEN,
+                                  api_key=API_KEY)
     yield proc, url, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +61,6 @@ def client(url, *, api_key=API_KEY) -> ServerClient:
 def weight_call(url, path, payload=None, *, token):
     headers = {} if token is None else {WEIGHT_TOKEN_HEADER: token}
     return client(url).post(path, payload, headers=headers)
-
-
-def teacher_forced(model, prompt, completion):
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
-    return torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
-
-
-def assert_scores_like(model, prompts, completions, logprobs):
-    for prompt, completion, logp in zip(prompts, completions, logprobs):
-        torch.testing.assert_close(torch.tensor(logp, dtype=torch.float64), teacher_forced(model, prompt, completion),
-                                   atol=LOGP_ATOL, rtol=0)
 
 
 def test_health_dtype_and_sampling(engine, hf_model):

@@ -1,11 +1,13 @@
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from reasonrl.rollout.weight_buckets import (
     TensorMeta,
     bucket_nbytes,
     pack_bucket,
     plan_buckets,
+    stream_buckets,
     tensor_meta,
     unpack_bucket,
 )
@@ -53,3 +55,44 @@ def test_tensors_start_at_aligned_offsets():
     assert buffer[3:16].eq(0).all()  # padding after the 3 bytes of a
     (_, a), (_, b) = unpack_bucket(buffer, metas)
     assert a.tolist() == [1, 2, 3] and b.tolist() == [7, 8] and b.data_ptr() % 8 == 0
+
+
+def fresh_copies(named_tensors, alive_when_made: list):
+    """``(name, a new copy)`` per pair, as a ZeRO-3 gather or a LoRA merge hands them out; ``alive_when_made`` gets,
+    per copy, how many earlier copies' memory is still referenced anywhere (by any tensor or view of it)."""
+    storages = []
+    for name, tensor in named_tensors:
+        alive_when_made.append(sum(not ref.expired() for ref in storages))
+        copy = tensor.detach().clone()
+        storages.append(StorageWeakRef(copy.untyped_storage()))
+        yield name, copy
+        del copy
+
+
+def test_stream_holds_one_bucket_and_no_earlier_tensor():
+    """The push's memory: each bucket within the limit, one buffer for all of them, and no tensor held once its
+    bytes are in the bucket; the buckets are the ones the server plans from the same metadata."""
+    sizes = [10, 30, 5, 25, 25, 7, 40, 1]  # float32: 40..160 bytes, padded to 16
+    tensors = [(f"w{i}", torch.full((n,), float(i))) for i, n in enumerate(sizes)]
+    alive_when_made, buckets = [], []
+    for metas, buffer in stream_buckets(fresh_copies(tensors, alive_when_made), bucket_bytes=160):
+        assert buffer.numel() == bucket_nbytes(metas) <= 160
+        buckets.append((metas, buffer.untyped_storage().data_ptr(),
+                        [t.clone() for _, t in unpack_bucket(buffer, metas)]))  # used up before the next bucket
+    assert alive_when_made == [0] * len(sizes)
+    assert len({ptr for _, ptr, _ in buckets}) == 1
+    all_metas = [m for metas, _, _ in buckets for m in metas]
+    assert [metas for metas, _, _ in buckets] == plan_buckets(all_metas, 160)
+    values = [t for _, _, unpacked in buckets for t in unpacked]
+    assert all(torch.equal(got, want) for got, (_, want) in zip(values, tensors, strict=True))
+
+
+def test_stream_casts_and_gives_a_larger_tensor_its_own_bucket():
+    tensors = [("a", torch.randn(4)), ("big", torch.randn(3, 50)), ("c", torch.randn(2, 3).t())]  # c non-contiguous
+    names = []
+    for (metas, buffer), (_, tensor) in zip(stream_buckets(iter(tensors), bucket_bytes=64, dtype=torch.bfloat16),
+                                            tensors, strict=True):
+        ((name, got),) = unpack_bucket(buffer, metas)  # checked before the next bucket reuses the buffer
+        names.append(name)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, tensor.to(torch.bfloat16))
+    assert names == ["a", "big", "c"]
