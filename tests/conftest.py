@@ -6,6 +6,14 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the repo root
 
 
+def trainer_env(*pythonpath, **extra) -> dict:
+    """The environment of a trainer run in a subprocess: `pythonpath` on its import path (e.g. the test rewards'
+    folder), and without this pytest process's W&B service (WANDB_SERVICE, set by an earlier in-process test): a run
+    killed inside that shared service would keep its W&B run id there and block the resumed run."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "PYTHONPATH": os.pathsep.join(str(p) for p in pythonpath), **extra}
+
+
 def skip_or_fail_in_ci(message: str):
     """A skip on a developer's machine; a failure in CI (CI=true), where setup.sh installs everything and the shared
     data lies beside the clone, so a skip would hide a broken set-up."""

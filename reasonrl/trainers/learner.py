@@ -30,7 +30,7 @@ from reasonrl.trainers.prepare import (
 )
 from reasonrl.trainers.producer import ProducedBatch, correct_indicator
 from reasonrl.trainers.step import fixed_logprobs, lockstep_acc, train_on_batch
-from reasonrl.trainers.validation import needs_entropy
+from reasonrl.trainers.validation import hapo_reads_entropy, needs_entropy
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Stages:
     def of(cls, config, *, has_ref: bool) -> Stages:
         a, h = config.algorithm, config.algorithm.hapo
         return cls(entropy=needs_entropy(config), kl_in_reward=a.kl_in == "reward" and has_ref,
-                   hapo_stats=h.adaptive_temperature or h.adaptive_clip or h.redistribution,
+                   hapo_stats=hapo_reads_entropy(a),
                    hapo_h_hat=h.adaptive_clip or h.redistribution, curriculum=a.rmt.curriculum)
 
 
@@ -90,8 +90,10 @@ class Learner:
             kl_penalty = self._kl_reward_penalty(batch, old_logp)
             rewards = rewards - kl_penalty.to(rewards)
             metrics["reward/kl_penalty"] = nanmean_across(self.dp, kl_penalty)
-        advantages, keep, all_rewards, all_valid = self._advantages(rewards, valid, produced.lengths, step, metrics)
-        tokens = self._select_tokens(batch, valid, advantages, keep, entropy, step)
+        sample_keep, token_keep = d3s_keep_fractions(a.d3s, step=step, total_steps=cfg.trainer.steps)
+        advantages, keep, all_rewards, all_valid = self._advantages(rewards, valid, produced.lengths, sample_keep,
+                                                                    metrics)
+        tokens = self._select_tokens(batch, valid, advantages, keep, entropy, token_keep, step)
         ntp_weight = self._ntp_rows(produced, step, metrics)
         stats, h_hat = self._hapo(entropy, batch, valid, metrics)
         t1 = time.perf_counter()
@@ -138,7 +140,7 @@ class Learner:
         per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
         return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
 
-    def _advantages(self, rewards, valid, lengths, step: int, metrics: dict):
+    def _advantages(self, rewards, valid, lengths, sample_keep: float, metrics: dict):
         """Advantages from every rank's rewards (group or batch statistics: all ranks compute the same global
         vector), and D3S's rollout selection; returns this rank's (advantages, keep) and the global rewards."""
         a, g, acc = self.config.algorithm, self.config.rollout.group_size, self.dp
@@ -148,18 +150,16 @@ class Learner:
             unbiased_std=a.unbiased_std, scale=a.scale_rewards, fallback_threshold=a.hapo.fallback_threshold,
         )
         metrics.update(adv_metrics)
-        sample_keep, _ = d3s_keep_fractions(a.d3s, step=step, total_steps=self.config.trainer.steps)
         keep_all = d3s_rollout_keep(all_adv, a.d3s, keep_fraction=sample_keep, group_size=g)
         n_local, start = rewards.numel(), acc.process_index * rewards.numel()
         return all_adv[start : start + n_local], keep_all[start : start + n_local], all_rewards, all_valid
 
-    def _select_tokens(self, batch, valid, advantages, keep, entropy, step: int) -> dict:
+    def _select_tokens(self, batch, valid, advantages, keep, entropy, token_keep: float, step: int) -> dict:
         """batch.loss_mask: valid (and, unless masked, untruncated) rows kept by D3S, then D3S's token level and the
         RMT curriculum. Returns this rank's token counts before and after D3S's token level."""
         a, steps = self.config.algorithm, self.config.trainer.steps
         batch.loss_mask = loss_mask_for(batch, valid, mask_truncated=a.overlong.mask_truncated) & keep[:, None]
         before = batch.loss_mask.sum()
-        _, token_keep = d3s_keep_fractions(a.d3s, step=step, total_steps=steps)
         if token_keep < 1:
             batch.loss_mask = d3s_token_mask(self.dp, advantages, entropy, batch.loss_mask, keep_fraction=token_keep,
                                              scope=a.d3s.token_scope)

@@ -53,6 +53,14 @@ def trainable_rows(advantages: torch.Tensor, mask: torch.Tensor, *, all_rows: bo
     return keep.nonzero().squeeze(-1)
 
 
+def _rows_to_train(advantages, mask, ntp_mask, *, all_rows: bool) -> torch.Tensor:
+    """`trainable_rows`, plus the rows with next-token-prediction tokens (they take part even when A = 0)."""
+    rows = trainable_rows(advantages, mask, all_rows=all_rows)
+    if ntp_mask.any():
+        rows = torch.unique(torch.cat([rows, ntp_mask.any(-1).nonzero().squeeze(-1)]))
+    return rows
+
+
 def split_micro_batches(rows: torch.Tensor, size: int, count: int) -> list[torch.Tensor]:
     """`count` chunks of at most `size` rows; trailing chunks are empty when this rank has fewer rows."""
     chunks = list(rows.split(size)) if rows.numel() else []
@@ -166,6 +174,36 @@ def _policy_loss(logp, old, adv, h_hat, mask, algo):
     )
 
 
+def _per_token_loss(logp, old, adv, h_hat, mask, algo, *, rollout_is=None, rollout_logp=None, ref_logp=None):
+    """A micro-batch's per-token loss: the clipped surrogate, reweighted by the engine/trainer importance correction
+    when it is on (`rollout_is` and the engine's log-probs), plus the KL term (not reweighted, as TRL). Returns
+    (per_token, clip/sampling metrics, per-token KL or None, the IS extremes [max |logp diff|, max ratio, -min
+    ratio] or None)."""
+    per_token, clip = _policy_loss(logp, old, adv, h_hat, mask, algo)
+    extreme = None
+    if rollout_is is not None and rollout_logp is not None:
+        weights, mismatch = rollout_correction(old, rollout_logp, mask, **rollout_is)
+        per_token = per_token * weights
+        clip = {**clip, "sampling/logp_diff_mean": mismatch["sampling/logp_diff_mean"],
+                "sampling/is_ratio_mean": mismatch["sampling/is_ratio_mean"]}
+        extreme = [float(mismatch["sampling/logp_diff_max"]), float(mismatch["sampling/is_ratio_max"]),
+                   -float(mismatch["sampling/is_ratio_min"])]
+    kl = None
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, algo.kl_estimator)
+        per_token = per_token + algo.kl_coef * kl
+    return per_token, clip, kl, extreme
+
+
+def _dual_objective(rl_loss, logp, ntp_mask, *, rl_weight: float, ntp_weight: float, ntp_tokens):
+    """RMT's rl_weight * L_RL + ntp_weight * L_NTP (L_NTP over the step's `ntp_tokens`); returns (loss, L_NTP or
+    None when ntp_weight = 0)."""
+    if ntp_weight:
+        ntp = ntp_token_loss(logp, ntp_mask, num_tokens=ntp_tokens)
+        return dual_loss(rl_loss, ntp, rl_weight=rl_weight, ntp_weight=ntp_weight), ntp
+    return (rl_weight * rl_loss if rl_weight != 1.0 else rl_loss), None
+
+
 def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo, optim, pad_id, temperature,
                    norm_constant: int | None = None, ref_model=None, old_logp=None, h_hat=None,
                    rollout_is: dict | None = None, rl_weight: float = 1.0, ntp_weight: float = 0.0) -> dict:
@@ -182,17 +220,14 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     rl_weight, ntp_weight: RMT's dual objective rl_weight * L_RL + ntp_weight * L_NTP, L_NTP the token-mean negative
     log-likelihood of the `batch.ntp_mask` tokens (over every rank); ntp_weight = 0: plain RL.
     """
-    device = acc.device
     mask = batch.trained_mask()
     ntp_mask = batch.ntp_mask if ntp_weight and batch.ntp_mask is not None else torch.zeros_like(mask)
     ntp_mask = ntp_mask & batch.completion_mask
     # every row counts as a sequence, trained tokens or not (TRL's grpo/dr_grpo normalisation)
-    counts = torch.tensor([mask.sum(), mask.shape[0], ntp_mask.sum()], dtype=torch.float, device=device)
+    counts = torch.tensor([mask.sum(), mask.shape[0], ntp_mask.sum()], dtype=torch.float, device=acc.device)
     global_tokens, global_seqs, global_ntp_tokens = acc.reduce(counts, reduction="sum")
     kl_in_loss = ref_model is not None and algo.kl_in == "loss"
-    rows = trainable_rows(advantages, mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
-    if ntp_mask.any():  # rows with next-token-prediction tokens take part even when A = 0
-        rows = torch.unique(torch.cat([rows, ntp_mask.any(-1).nonzero().squeeze(-1)]))
+    rows = _rows_to_train(advantages, mask, ntp_mask, all_rows=kl_in_loss or algo.entropy_coef != 0)
     size, budget, packed = optim.micro_batch_size, optim.micro_batch_tokens, optim.packing
     chunks = agreed_micro_batches(acc, micro_batches(batch, rows, size=size, token_budget=budget, packed=packed), rows)
     sp = sequence_parallel_of(acc)
@@ -226,60 +261,54 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
                 m = mask[idx, :width].to(logp.device)
                 old = logp.detach() if old_logp is None else old_logp[idx, :width].to(logp)
                 h = None if h_hat is None else h_hat[idx, :width].to(logp)
-                per_token, clip = _policy_loss(logp, old, advantages[idx].to(logp), h, m, algo)
-                if rollout_is is not None and batch.rollout_logprobs is not None:
-                    weights, mismatch = rollout_correction(
-                        old, batch.rollout_logprobs[idx, :width].to(old), m, **rollout_is)
-                    per_token = per_token * weights  # the KL term below is not reweighted (as TRL)
-                    clip = {**clip, "sampling/logp_diff_mean": mismatch["sampling/logp_diff_mean"],
-                            "sampling/is_ratio_mean": mismatch["sampling/is_ratio_mean"]}
-                    if weight:
-                        extremes.append([float(mismatch["sampling/logp_diff_max"]),
-                                         float(mismatch["sampling/is_ratio_max"]),
-                                         -float(mismatch["sampling/is_ratio_min"])])
-                kl = None
-                if ref_logp is not None:
-                    kl = kl_estimate(logp, ref_logp[idx, :width].to(logp), algo.kl_estimator)
-                    per_token = per_token + algo.kl_coef * kl
-                if global_tokens.item() > 0:
-                    rl_loss = aggregate_loss(per_token, m, norm_constant=norm_constant, **agg)
-                else:  # only next-token-prediction tokens this step
-                    rl_loss = (per_token * 0.0).sum()
+                rollout_logp = None if batch.rollout_logprobs is None else batch.rollout_logprobs[idx, :width].to(old)
+                per_token, clip, kl, extreme = _per_token_loss(
+                    logp, old, advantages[idx].to(logp), h, m, algo, rollout_is=rollout_is, rollout_logp=rollout_logp,
+                    ref_logp=None if ref_logp is None else ref_logp[idx, :width].to(logp))
+                if weight and extreme is not None:
+                    extremes.append(extreme)
+                rl_loss = aggregate_loss(per_token, m, norm_constant=norm_constant, **agg) if global_tokens.item() > 0 \
+                    else (per_token * 0.0).sum()  # only next-token-prediction tokens this step
                 if algo.entropy_coef:
                     rl_loss = rl_loss - algo.entropy_coef * entropy_term(ent, m, **agg)
-                loss = rl_loss
-                if ntp_weight:
-                    ntp_m = ntp_mask[idx, :width].to(logp.device)
-                    ntp = ntp_token_loss(logp, ntp_m, num_tokens=global_ntp_tokens)
-                    loss = dual_loss(rl_loss, ntp, rl_weight=rl_weight, ntp_weight=ntp_weight)
-                    sums["ntp"] += float(ntp.detach()) * weight
-                elif rl_weight != 1.0:
-                    loss = rl_weight * rl_loss
+                loss, ntp = _dual_objective(rl_loss, logp, ntp_mask[idx, :width].to(logp.device), rl_weight=rl_weight,
+                                            ntp_weight=ntp_weight, ntp_tokens=global_ntp_tokens)
+                sums["ntp"] += float(ntp.detach()) * weight if ntp is not None else 0.0
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) in a micro-batch of rows {idx.tolist()[:8]}...; check "
                         "the learning rate, model.dtype and the rewards (see reward/* metrics)"
                     )
                 backward(acc, model, loss * scale * weight, last=sync)
-            n_tok = float(m.sum()) * weight
-            sums["tokens"] += n_tok
-            sums["loss"] += rl_loss.item() * weight
-            sums["entropy"] += float((ent.detach() * m).sum()) * weight
-            sums["kl"] += float((kl.detach() * m).sum()) * weight if kl is not None else 0.0
-            for key, value in clip.items():
-                token_weighted[key] = token_weighted.get(key, 0.0) + float(value) * n_tok
+            _accumulate(sums, token_weighted, mask=m, weight=weight, rl_loss=rl_loss, entropy=ent, kl=kl, clip=clip)
         if hasattr(scheduler, "add_tokens"):  # token-based schedules see the tokens of this optimizer step
             scheduler.add_tokens(float(global_tokens))
         lrs.append(_current_lr(optimizer))
         grad_norms.append(optimizer_step(acc, model, optimizer, max_grad_norm=optim.max_grad_norm))
     metrics = _finish_metrics(acc, sums, grad_norms, lrs, algo.num_iterations, token_weighted)
     if rollout_is is not None and batch.rollout_logprobs is not None:
-        local = torch.tensor(extremes, dtype=torch.float64).amax(0) if extremes else torch.full((3,), -math.inf,
-                                                                                                  dtype=torch.float64)
-        diff_max, ratio_max, neg_ratio_min = acc.reduce(local.to(device), reduction="max").tolist()
-        metrics.update({"sampling/logp_diff_max": diff_max, "sampling/is_ratio_max": ratio_max,
-                        "sampling/is_ratio_min": -neg_ratio_min})
+        metrics.update(_extreme_metrics(acc, extremes))
     return metrics
+
+
+def _accumulate(sums: dict, token_weighted: dict, *, mask, weight: float, rl_loss, entropy, kl, clip: dict) -> None:
+    """Adds one micro-batch (weight 0: a throw-away one kept for the collectives) to the step's sums."""
+    n_tok = float(mask.sum()) * weight
+    sums["tokens"] += n_tok
+    sums["loss"] += rl_loss.item() * weight
+    sums["entropy"] += float((entropy.detach() * mask).sum()) * weight
+    sums["kl"] += float((kl.detach() * mask).sum()) * weight if kl is not None else 0.0
+    for key, value in clip.items():
+        token_weighted[key] = token_weighted.get(key, 0.0) + float(value) * n_tok
+
+
+def _extreme_metrics(acc, extremes: list[list[float]]) -> dict:
+    """The IS correction's extremes over every micro-batch of every rank (one collective max)."""
+    local = torch.tensor(extremes, dtype=torch.float64).amax(0) if extremes else torch.full((3,), -math.inf,
+                                                                                              dtype=torch.float64)
+    diff_max, ratio_max, neg_ratio_min = acc.reduce(local.to(acc.device), reduction="max").tolist()
+    return {"sampling/logp_diff_max": diff_max, "sampling/is_ratio_max": ratio_max,
+            "sampling/is_ratio_min": -neg_ratio_min}
 
 
 def _current_lr(optimizer) -> float:

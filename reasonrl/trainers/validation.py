@@ -56,9 +56,14 @@ def needs_entropy(config: RecipeConfig) -> bool:
     from token_keep_start to keep_end, see prepare.d3s_keep_fractions), or the RMT curriculum. (entropy_coef reads
     the training forward's own entropy, not these.)"""
     a = config.algorithm
-    h, d = a.hapo, a.d3s
-    hapo = h.adaptive_temperature or h.adaptive_clip or h.redistribution
-    return hapo or a.rmt.curriculum or d.token_keep_start < 1 or d.keep_end < 1
+    d = a.d3s
+    return hapo_reads_entropy(a) or a.rmt.curriculum or d.token_keep_start < 1 or d.keep_end < 1
+
+
+def hapo_reads_entropy(algorithm) -> bool:
+    """Whether a HAPO part that reads token entropies is on: adaptive temperature, adaptive clip, redistribution."""
+    h = algorithm.hapo
+    return h.adaptive_temperature or h.adaptive_clip or h.redistribution
 
 
 def _validate_reward_weights(config: RecipeConfig) -> None:

@@ -2,13 +2,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import trainer_env
 from safetensors.torch import load_file
 
 from reasonrl.trainers import grpo, validation
@@ -28,12 +28,6 @@ def overrides(model_dir, out_dir, steps, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def subprocess_env():
-    """The environment of a trainer subprocess: the test rewards importable as `rewards_for_tests:...`."""
-    here = str(Path(__file__).parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
 
 
 def history(out_dir):
@@ -118,7 +112,7 @@ def test_a_reward_that_always_fails_stops_the_run_with_its_traceback(tiny_model_
     rewards = "[{name: 'rewards_for_tests:always_raises'}]"
     run = subprocess.run([sys.executable, "-m", "reasonrl.trainers.grpo",
                           *overrides(tiny_model_dir, tmp_path, 6, rewards=rewards)],
-                         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300, check=False)
+                         capture_output=True, text=True, cwd=REPO, env=trainer_env(Path(__file__).parent), timeout=300, check=False)
     assert run.returncode != 0
     assert "RewardFailureError" in run.stderr and "max_failed_reward_steps=2" in run.stderr
     assert "this reward is broken on purpose" in run.stderr and "in always_raises" in run.stderr  # its traceback

@@ -2,13 +2,13 @@
 uninterrupted run ends (issue 20, item 7)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from conftest import trainer_env
 from safetensors.torch import load_file
 
 from reasonrl.trainers.checkpoint import latest_checkpoint
@@ -29,10 +29,7 @@ def _command(model_dir, out_dir, *extra):
 
 
 def _env(**extra):
-    """The runs' environment, without this pytest process's W&B service (WANDB_SERVICE, set by an earlier
-    in-process test): a killed run's stream would stay open in that shared service and block the resumed run."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return {**env, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **extra}
+    return trainer_env(HERE, OMP_NUM_THREADS="1", **extra)
 
 
 def _run_to_the_end(command: list) -> str:

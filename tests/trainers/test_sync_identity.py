@@ -3,7 +3,6 @@ on the tiny model (issue 21). The loop before the split is taken from the git hi
 by side with the current one, so the comparison does not depend on numbers stored from another machine."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import skip_or_fail_in_ci
+from conftest import skip_or_fail_in_ci, trainer_env
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +45,7 @@ def _source_before_split(dest: Path) -> Path:
 
 
 def _env(source: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(source), str(REPO / "tests" / "trainers")]),
-            "OMP_NUM_THREADS": "1"}
+    return trainer_env(source, REPO / "tests" / "trainers", OMP_NUM_THREADS="1")
 
 
 def _run(source: Path, model_dir: str, out: Path, extra: list[str]) -> None:
