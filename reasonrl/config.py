@@ -157,10 +157,15 @@ class RolloutConfig:
     # Importance-sampling correction for the engine/trainer mismatch (reasonrl/rl/importance.py);
     # null (auto): on for the vllm and server engines, off for hf (which samples with the trainer's own weights).
     is_correction: bool | None = None
-    is_level: str = choice("token", ["token", "sequence"])
-    is_mode: str = choice("truncate", ["truncate", "mask"])
+    # token: w_t = pi_old/pi_rollout per token; sequence: their product over the completion; geometric: its
+    # geometric mean (exp of the mean log-ratio), for every token of the completion.
+    is_level: str = choice("token", ["token", "sequence", "geometric"])
+    # truncate: min(w, is_cap); mask: w inside [is_floor, is_cap], else 0 (IcePop at is_level=token);
+    # seq_mask: token weights truncated at is_cap, and every token of a completion 0 when its geometric-mean
+    # ratio is outside [is_floor, is_cap] (a sequence-level rejection, as verl's geometric rejection sampling).
+    is_mode: str = choice("truncate", ["truncate", "mask", "seq_mask"])
     is_cap: float = bounded(2.0, 1, doc="largest importance weight kept (truncate: clamped to it; mask: above it, 0)")
-    is_floor: float = bounded(0.0, 0, 1, doc="is_mode=mask: weights below this are set to 0")
+    is_floor: float = bounded(0.0, 0, 1, doc="is_mode=mask or seq_mask: weights below this are set to 0")
     # engine=vllm: vLLM's KV-cache size, as a share of device memory (on CPU: of the NUMA node's RAM; null: 0.3 on
     # CPU, 0.5 on GPU) or in bytes (takes precedence).
     vllm_gpu_memory_utilization: float | None = bounded(None, 0, 1, low_open=True, doc="share of device memory")

@@ -6,13 +6,18 @@ a stale sync). The policy-gradient term is reweighted by w = pi_old / pi_rollout
     delta_t = logp_old_t - logp_rollout_t                       (valid tokens only)
     level "token":     w_t = exp(delta_t)
     level "sequence":  w_i = exp(sum_t delta_t), the same for every token of sequence i (product of token ratios)
+    level "geometric": w_i = exp(sum_t delta_t / n_i), n_i = valid tokens of sequence i (geometric mean of the ratios)
     (the exponent is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] first, as the policy ratio is, so
     the weights and metrics stay finite: a ratio beyond e^20 is truncated or masked all the same)
     mode "truncate":   w <- min(w, cap)                          (truncated IS, as TRL's *_truncate and verl's TIS)
-    mode "mask":       w <- w if floor <= w <= cap else 0        (TRL's *_mask: drop tokens/sequences off the range)
+    mode "mask":       w <- w if floor <= w <= cap else 0        (TRL's *_mask: drop tokens/sequences off the range;
+                                                                 IcePop at level "token")
+    mode "seq_mask":   w <- min(w, cap) * [floor <= g_i <= cap], g_i = exp(sum_t delta_t / n_i) the geometric-mean
+                       ratio of sequence i (verl's geometric rejection sampling: a whole completion is dropped)
 
 The weights carry no gradient. Metrics (over valid tokens): sampling/logp_diff_mean and sampling/logp_diff_max of
-|delta|, sampling/is_ratio_min/mean/max of the weights before truncation or masking.
+|delta|, sampling/is_ratio_min/mean/max of the weights before truncation or masking; mode "seq_mask" adds
+sampling/seq_masked_frac, the fraction of the sequences with a valid token that the rejection drops.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import torch
 
 from reasonrl.rl.losses import LOG_RATIO_CLAMP
 
-IS_LEVELS = ("token", "sequence")
-IS_MODES = ("truncate", "mask")
+IS_LEVELS = ("token", "sequence", "geometric")
+IS_MODES = ("truncate", "mask", "seq_mask")
 
 
 def rollout_correction(
@@ -49,15 +54,33 @@ def rollout_correction(
                          f"{tuple(rollout_logp.shape)}, {tuple(mask.shape)}")
     m = mask.bool()
     delta = torch.where(m, old_logp.detach().double() - rollout_logp.detach().double(), 0.0)
-    log_w = delta if level == "token" else delta.sum(-1, keepdim=True).expand_as(delta)
-    raw = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    if mode == "truncate":
-        weights = raw.clamp(max=cap)
-    else:
+    raw = _ratio(_log_weights(delta, m, level)).expand_as(delta)
+    if mode == "mask":
         weights = torch.where((raw >= floor) & (raw <= cap), raw, torch.zeros_like(raw))
-    weights = torch.where(m, weights, torch.zeros_like(weights))
+    else:
+        weights = raw.clamp(max=cap)
     metrics = _metrics(delta.abs(), raw, m)
+    if mode == "seq_mask":
+        geometric = _ratio(_log_weights(delta, m, "geometric"))  # [N, 1]
+        rejected = (geometric < floor) | (geometric > cap)
+        weights = torch.where(rejected, torch.zeros_like(weights), weights)
+        has_tokens = m.any(-1, keepdim=True)
+        metrics["sampling/seq_masked_frac"] = (rejected & has_tokens).sum().double() / has_tokens.sum().clamp(min=1)
+    weights = torch.where(m, weights, torch.zeros_like(weights))
     return weights.to(old_logp.dtype), metrics
+
+
+def _log_weights(delta: torch.Tensor, m: torch.Tensor, level: str) -> torch.Tensor:
+    """log w of `level` from the per-token log-ratios `delta` (0 on padding): [N, T] for "token", else one value
+    per sequence [N, 1] (the sum of its deltas, or their mean over its valid tokens for "geometric")."""
+    if level == "token":
+        return delta
+    row = delta.sum(-1, keepdim=True)
+    return row / m.sum(-1, keepdim=True).clamp(min=1) if level == "geometric" else row
+
+
+def _ratio(log_w: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 def _metrics(abs_delta: torch.Tensor, raw: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,9 +31,9 @@ def validate(config: RecipeConfig, world_size: int) -> None:
     if r.vllm_block_size is not None and r.vllm_block_size % 16:
         raise ConfigError(f"rollout.vllm_block_size={r.vllm_block_size} must be a positive multiple of 16 (on CPU "
                           "of 32, vLLM's CPU attention needs it), or null for the engine's default")
-    if r.is_floor > 0 and r.is_mode != "mask":
-        raise ConfigError(f"rollout.is_floor={r.is_floor} is used by rollout.is_mode=mask only (is_mode="
-                          f"{r.is_mode} truncates at rollout.is_cap): set is_mode=mask or is_floor=0")
+    if r.is_floor > 0 and r.is_mode not in ("mask", "seq_mask"):
+        raise ConfigError(f"rollout.is_floor={r.is_floor} is used by rollout.is_mode=mask or seq_mask only (is_mode="
+                          f"{r.is_mode} truncates at rollout.is_cap): set is_mode=mask, seq_mask or is_floor=0")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
     build_reward_shapers(config)  # unknown shapers or arguments fail here, before any model is loaded
