@@ -18,6 +18,7 @@ class RolloutBatch:
     loss_mask: torch.Tensor | None = None  # bool [N, T] tokens that count in the loss (None: completion_mask)
     rollout_entropy: torch.Tensor | None = None  # [N, T] entropy at T=1 of the sampling policy, when the engine has it
     ntp_mask: torch.Tensor | None = None  # bool [N, T] tokens of the next-token-prediction term (RMT dual loss)
+    token_versions: torch.Tensor | None = None  # long [N, T] policy version that sampled each token (async)
 
     def trained_mask(self) -> torch.Tensor:
         """Tokens whose loss counts. A subset of completion_mask, which stays the model's input (attention)."""
@@ -45,6 +46,7 @@ class RolloutBatch:
             loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
             rollout_entropy=None if self.rollout_entropy is None else self.rollout_entropy[idx],
             ntp_mask=None if self.ntp_mask is None else self.ntp_mask[idx],
+            token_versions=None if self.token_versions is None else self.token_versions[idx],
         )
 
 
@@ -70,4 +72,5 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         loss_mask=padded("loss_mask", False),
         rollout_entropy=padded("rollout_entropy", 0.0),
         ntp_mask=padded("ntp_mask", False),
+        token_versions=padded("token_versions", 0),
     )

@@ -166,6 +166,17 @@ class RolloutConfig:
     is_mode: str = choice("truncate", ["truncate", "mask", "seq_mask"])
     is_cap: float = bounded(2.0, 1, doc="largest importance weight kept (truncate: clamped to it; mask: above it, 0)")
     is_floor: float = bounded(0.0, 0, 1, doc="is_mode=mask or seq_mask: weights below this are set to 0")
+    # Asynchronous training (docs/rollout.md, "Asynchronous training"): 0 alternates generation and learning; k >= 1
+    # lets the producer generate up to k policy versions ahead of the learner (engine=server), and a sample any of
+    # whose tokens is more than k versions behind the learner's is dropped (counted in async/dropped) or, with
+    # stale=regenerate, generated again with the newest weights.
+    max_staleness: int = bounded(0, 0, 64, doc="policy versions a trained token may lag the learner (0: synchronous)")
+    stale: str = choice("drop", ["drop", "regenerate"], "what happens to a sample older than max_staleness")
+    # max_staleness >= 1: a weight push lands between chunks of inflight_chunk_tokens generated tokens, and the
+    # sequences in progress continue with the new weights (each token records the version that sampled it); false:
+    # the push waits until the batch in progress is complete (every sample has one version).
+    inflight_updates: bool = False
+    inflight_chunk_tokens: int = bounded(16, 1, doc="tokens generated between two points where a push may land")
     # engine=vllm: vLLM's KV-cache size, as a share of device memory (on CPU: of the NUMA node's RAM; null: 0.3 on
     # CPU, 0.5 on GPU) or in bytes (takes precedence).
     vllm_gpu_memory_utilization: float | None = bounded(None, 0, 1, low_open=True, doc="share of device memory")

@@ -55,6 +55,7 @@ class RolloutOutput:
     logprobs: list[list[float]]  # log-prob of each sampled token under the distribution it was drawn from (module doc)
     finish_reasons: list[str]  # "stop" (EOS) or "length" (hit its max_new_tokens)
     entropies: list[list[float]] | None = None  # per-token entropy at T=1 of the raw logits, if the engine has it
+    versions: list[list[int]] | None = None  # per-token policy version that sampled it, if the engine tracks them
 
     def append_empty(self, n: int) -> None:
         """``n`` empty completions (a prompt with no token budget)."""
@@ -62,6 +63,8 @@ class RolloutOutput:
             self.completion_ids.append([])
             self.logprobs.append([])
             self.finish_reasons.append("length")
+            if self.versions is not None:
+                self.versions.append([])
 
 
 @runtime_checkable

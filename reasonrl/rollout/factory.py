@@ -64,5 +64,6 @@ def build_engine(rollout_cfg, *, model, tokenizer, model_path: str, model_dtype:
         # the server's secrets stay out of recipes and logged configs: REASONRL_WEIGHT_TOKEN(_FILE), REASONRL_API_KEY
         return ServerEngine(rollout_cfg.server_url, eos_token_ids=eos_token_ids(tokenizer, model), tokenizer=tokenizer,
                             timeout_s=rollout_cfg.server_timeout_s, weight_host=rollout_cfg.weight_host,
+                            chunk_tokens=rollout_cfg.inflight_chunk_tokens if rollout_cfg.inflight_updates else None,
                             **client_secrets())
     raise ValueError(f"unknown rollout.engine {rollout_cfg.engine!r}")

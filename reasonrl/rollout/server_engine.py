@@ -14,6 +14,7 @@ how long it waited; never a hang, and never gloo's own error, which would read a
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import queue
@@ -33,6 +34,7 @@ from reasonrl.rollout.adaptive_temperature import request_extra_args
 from reasonrl.rollout.base import RolloutOutput, SamplingParams
 from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_FILE_ENV, WEIGHT_TOKEN_HEADER
 from reasonrl.rollout.stops import cut_at_stop_strings, text_decoder
+from reasonrl.rollout.versions import VersionGate
 from reasonrl.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, TensorMeta, stream_buckets
 from reasonrl.rollout.weight_group import broadcast_from_trainer, join_group, rendezvous_store
 
@@ -159,7 +161,9 @@ class ServerEngine:
     server's API key, if it was started with one. ``timeout_s``: the longest any one wait may take (an HTTP call, a
     bucket of a push). ``bucket_bytes``: a push's memory budget, the bytes of one bucket (a larger tensor gets one of
     its own). ``group_timeout_s``: the weight group's rendezvous and the server's waits for a bucket (None:
-    ``timeout_s``)."""
+    ``timeout_s``). ``chunk_tokens``: generate in chunks of that many tokens, so that a push from another thread lands
+    between two chunks and the sequences in progress continue with the new weights (None: a push waits until the
+    batch in progress is done). Every token records the version of the weights that sampled it (`VersionGate`)."""
 
     def __init__(
         self,
@@ -175,6 +179,7 @@ class ServerEngine:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         group_timeout_s: float | None = None,
         max_concurrency: int = 64,
+        chunk_tokens: int | None = None,
     ):
         self.client = ServerClient(base_url, timeout_s, api_key=api_key)
         self.token = token
@@ -188,6 +193,8 @@ class ServerEngine:
         self.group = None
         self.store = None
         self.pushes = 0
+        self.gate = VersionGate()
+        self.chunk_tokens = chunk_tokens
         models = self.client.get("/v1/models", timeout_s=QUICK_CALL_S)["data"]
         self.model_name = models[0]["id"]
         self.dtype = self._server_dtype()
@@ -221,6 +228,17 @@ class ServerEngine:
             raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(prompt_ids)} prompts")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the tokenizer: ServerEngine(..., tokenizer=tokenizer)")
+        if self.chunk_tokens is None:
+            with self.gate.chunk() as version:
+                out = self._generate_once(prompt_ids, params, max_new_tokens)
+            out.versions = [[version] * len(ids) for ids in out.completion_ids]
+        else:
+            out = self._generate_in_chunks(prompt_ids, params, max_new_tokens)
+        if params.stop:  # the server stops on the text; cut the ids where every engine does
+            cut_at_stop_strings(out, params.stop, text_decoder(self.tokenizer))
+        return out
+
+    def _generate_once(self, prompt_ids, params: SamplingParams, max_new_tokens) -> RolloutOutput:
         payloads = [self._payload(list(p), params, budget, i) for i, (p, budget) in
                     enumerate(zip(prompt_ids, max_new_tokens))]
         responses = self._concurrently(self._complete, payloads,
@@ -236,8 +254,35 @@ class ServerEngine:
                 out.completion_ids.append(ids)
                 out.logprobs.append([float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)])
                 out.finish_reasons.append("length" if choice["finish_reason"] == "length" else "stop")
-        if params.stop:  # the server stops on the text; cut the ids where every engine does
-            cut_at_stop_strings(out, params.stop, text_decoder(self.tokenizer))
+        return out
+
+    def _generate_in_chunks(self, prompt_ids, params: SamplingParams, max_new_tokens) -> RolloutOutput:
+        """`chunk_tokens` tokens at a time: the first chunk samples ``n`` per prompt, each later one continues every
+        unfinished sample (its prompt and tokens so far, one request each, seeded by chunk and sample) with the
+        weights of that moment, which re-reads the sequence with them (the prefix cache is reset by every push)."""
+        n, chunk = params.n, self.chunk_tokens
+        budgets = [budget for budget in max_new_tokens for _ in range(n)]
+        prompts = [list(p) for p in prompt_ids for _ in range(n)]
+        with self.gate.chunk() as version:
+            out = self._generate_once(prompt_ids, params, [min(b, chunk) for b in max_new_tokens])
+        out.versions = [[version] * len(ids) for ids in out.completion_ids]
+        pending = [i for i in range(len(prompts)) if _continues(out, i, budgets[i])]
+        for index in range(1, max(budgets, default=0)):
+            if not pending:
+                break
+            one = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + 7_919 * index)
+            with self.gate.chunk() as version:
+                payloads = [self._payload(prompts[i] + out.completion_ids[i], one,
+                                          min(chunk, budgets[i] - len(out.completion_ids[i])), i) for i in pending]
+                responses = self._concurrently(self._complete, payloads, f"continuing {len(pending)} samples")
+            for i, response in zip(pending, responses):
+                choice = response["choices"][0]
+                ids = list(choice["token_ids"])
+                out.completion_ids[i] += ids
+                out.logprobs[i] += [float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)]
+                out.versions[i] += [version] * len(ids)
+                out.finish_reasons[i] = "length" if choice["finish_reason"] == "length" else "stop"
+            pending = [i for i in pending if _continues(out, i, budgets[i])]
         return out
 
     def _complete(self, payload: dict | None) -> dict | None:
@@ -414,6 +459,11 @@ class ServerEngine:
             except (ServerUnavailableError, ServerRequestError):
                 pass
         self._drop_group()
+
+
+def _continues(out: RolloutOutput, i: int, budget: int) -> bool:
+    """Whether sample ``i`` stopped only because its chunk ended: not at EOS or a stop string, budget left."""
+    return out.finish_reasons[i] == "length" and len(out.completion_ids[i]) < budget
 
 
 class _PushProgress:

@@ -40,4 +40,6 @@ def cut_at_stop_strings(out, stops: Sequence[str], decode: Callable[[list[int]],
         out.logprobs[i] = out.logprobs[i][:cut]
         if out.entropies is not None:
             out.entropies[i] = out.entropies[i][:cut]
+        if out.versions is not None:
+            out.versions[i] = out.versions[i][:cut]
         out.finish_reasons[i] = "stop"

@@ -44,6 +44,7 @@ from reasonrl.trainers.distributed import (
 from reasonrl.trainers.evaluate import greedy_accuracy
 from reasonrl.trainers.learner import Learner, nanmean_across
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
+from reasonrl.trainers.pipeline import ProducerThread, load_results, save_results
 from reasonrl.trainers.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from reasonrl.trainers.preemption import PreemptionWatch
 from reasonrl.trainers.producer import Producer
@@ -102,15 +103,20 @@ class GRPOTrainer:
                                scheduler=self.scheduler, ref_model=self.ref_model, pad_id=self.tokenizer.pad_token_id,
                                sp=self.sp, zero=self.zero)
         self.preempted_by: str | None = None  # the signal that stopped the run early, if any
-        # the server (and a resumed LoRA run's vllm engine) starts from the base model; it must sample from ours
-        if config.rollout.engine == "server" or (lora_on and self.resume_from):
-            self.producer.publish(self.learner.weights())
         if hasattr(self.engine, "return_entropy"):  # free with the hf engine; others need an old-policy pass
             self.engine.return_entropy = self.learner.stages.entropy
         self.step = 0
         self.eval_history: list[dict] = []
+        # asynchronous training: a worker thread generates up to max_staleness steps ahead (pipeline.py)
+        self.ahead = ProducerThread(self.producer.generate_and_score) if config.rollout.max_staleness else None
+        self.planned_through = -1  # the last step whose first round was planned (asynchronous training)
+        self.producer_idle_mark = 0.0
         if self.resume_from:
             self._restore(self.resume_from)
+        # the server (and a resumed LoRA run's vllm engine) starts from the base model; it must sample from ours
+        if config.rollout.engine == "server" or (lora_on and self.resume_from):
+            self.producer.publish(self.learner.weights(), step=self.step)
+        self.producer.version = self.step
         self.tracker = Tracker(
             active=self.acc.is_main_process, output_dir=str(self.out_dir), project=config.logging.project,
             mode=config.logging.wandb_mode, config=OmegaConf.to_container(OmegaConf.structured(config)),
@@ -145,7 +151,8 @@ class GRPOTrainer:
     def train_step(self) -> dict:
         """Produce a batch, learn from it, publish the new weights to the engine: one trainer step."""
         t0 = time.perf_counter()
-        produced = self.producer.next_batch(self.step)
+        first, waits = self._first_round_ahead()
+        produced = self.producer.next_batch(self.step, first)
         t1 = time.perf_counter()
         update = self.learner.step(produced, self.step)
         if update.sampling_stats is not None:  # the next step samples with these (HAPO adaptive temperature)
@@ -158,7 +165,22 @@ class GRPOTrainer:
         seconds = {"time/generate": produced.seconds, "time/prepare": t1 - t0 - produced.seconds
                    + update.seconds_prepare, "time/train": t2 - t1 - update.seconds_prepare, "time/step": t2 - t0}
         self._log_samples(produced, update)
-        return {**self._step_metrics(produced, update), **sync, **seconds}
+        return {**self._step_metrics(produced, update), **sync, **seconds, **waits}
+
+    def _first_round_ahead(self) -> tuple:
+        """Asynchronous training: plan the steps up to `step + max_staleness` that are not planned yet (the engine
+        holds version `step` now), and take this step's first round; (None, {}) in synchronous training."""
+        if self.ahead is None:
+            return None, {}
+        last = min(self.step + self.config.rollout.max_staleness, self.config.trainer.steps - 1)
+        while self.planned_through < last:
+            self.planned_through += 1
+            self.ahead.submit(self.producer.plan(self.planned_through))
+        first, waited = self.ahead.take(self.step)
+        idle = self.ahead.idle_s  # the worker's waits for a plan that ended since the last step
+        waits = {"async/learner_wait_s": waited, "async/producer_wait_s": idle - self.producer_idle_mark}
+        self.producer_idle_mark = idle
+        return first, waits
 
     def _step_metrics(self, produced, update) -> dict:
         """The step's metrics over every rank: rewards, lengths, failures, selection, and the learner's own."""
@@ -229,6 +251,8 @@ class GRPOTrainer:
             stage.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         ckpt.write_rank_files(stage, acc.process_index)
+        if self.ahead is not None:  # the samples generated ahead, so a resumed run trains on exactly these
+            save_results(stage, acc.process_index, self.ahead.finished_results(), num_processes=acc.num_processes)
         # one layout-free optimizer state (gathered from the ZeRO shards), so any process count can resume it
         optimizer_state = portable_optimizer_state(self.optimizer, self._trainable(), self.zero)
         state_dict = acc.get_state_dict(self.model) if self.zero == 3 else None  # gathered by DeepSpeed
@@ -253,6 +277,12 @@ class GRPOTrainer:
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])
         self.producer.load_state_dict(state)
+        if self.ahead is not None:
+            for step, scored in sorted(load_results(path, self.acc.process_index,
+                                                    num_processes=self.acc.num_processes).items()):
+                self.ahead.put_result(step, scored)
+                self.planned_through = step
+        self.planned_through = max(self.planned_through, self.step - 1)
         rng = ckpt.load_rank_rng(path, self.acc.process_index)
         if rng is not None:
             ckpt.set_rng_state(rng)
@@ -303,6 +333,8 @@ class GRPOTrainer:
         return self.eval_history
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         self.producer.close()
 
     def _trainable(self) -> list:

@@ -16,6 +16,7 @@ from reasonrl.rl.hapo import EntropyStats
 from reasonrl.rl.length_control import linear_schedule, select_curriculum_tokens
 from reasonrl.rl.losses import kl_estimate
 from reasonrl.rl.shaping import kl_reward_penalty
+from reasonrl.rl.staleness import staleness_counts, staleness_summary
 from reasonrl.trainers import lora
 from reasonrl.trainers.distributed import full_named_parameters
 from reasonrl.trainers.optimization import advance_schedule
@@ -96,6 +97,8 @@ class Learner:
         tokens = self._select_tokens(batch, valid, advantages, keep, entropy, token_keep, step)
         ntp_weight = self._ntp_rows(produced, step, metrics)
         stats, h_hat = self._hapo(entropy, batch, valid, metrics)
+        if cfg.rollout.max_staleness:
+            metrics.update(self._staleness(batch, step))
         t1 = time.perf_counter()
         metrics.update(train_on_batch(
             self.model, self.optimizer, self.scheduler, self.dp, batch, advantages,
@@ -193,6 +196,19 @@ class Learner:
         h_hat = hapo_h_hat(entropy, stats, sign_mode=h.sign_mode) if self.stages.hapo_h_hat else None
         metrics.update({"hapo/entropy_pivot": stats.m, "hapo/entropy_rms": stats.sigma})
         return stats, h_hat
+
+    def _staleness(self, batch, step: int) -> dict:
+        """How far the trained tokens lag the learner (version `step`), over every rank: mean, max and the number of
+        tokens at each lag 0..k. A trained token more than k behind is a bug of the pipeline: it stops the run."""
+        k = self.config.rollout.max_staleness
+        counts = staleness_counts(batch.token_versions, batch.trained_mask(), learner_version=step)
+        if counts.numel() > k + 1:
+            raise RuntimeError(f"step {step} would train on a token {counts.numel() - 1} policy versions old, more "
+                               f"than rollout.max_staleness={k}")
+        counts = torch.nn.functional.pad(counts, (0, k + 1 - counts.numel())).float().to(self.acc.device)
+        counts = self.dp.reduce(counts, reduction="sum").cpu()
+        return {**staleness_summary(counts), **{f"async/tokens_at_lag_{lag}": float(n)
+                                                for lag, n in enumerate(counts.tolist())}}
 
     def _rollout_is(self) -> dict | None:
         r = self.config.rollout

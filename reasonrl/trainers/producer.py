@@ -3,10 +3,17 @@
 It owns the engine, the reward functions and the shapers, and never looks at the loss. `next_batch(step)` returns
 one `ProducedBatch`; `publish(weights)` puts the learner's new weights into the engine. Synchronous training calls
 the two in turn; the engine is only ever reached through the rollout protocol (reasonrl/rollout/base.py).
+
+Asynchronous training (reasonrl/trainers/pipeline.py) splits a step's first round in two: `plan` (this step's
+prompts and sampling parameters, in the main thread, from the state of the moment) and `generate_and_score` (the
+engine and the reward functions, in a worker thread: no collective operation); `next_batch(step, first=...)` then
+does the rest in the main thread as in synchronous training: samples older than `rollout.max_staleness` versions
+dropped or generated again, DAPO's refill rounds (with the newest weights), the reward-failure check, the shapers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -20,8 +27,9 @@ from reasonrl.rewards.combine import RewardFailureError, resolve_reward, score_b
 from reasonrl.rewards.math import take_grader_errors
 from reasonrl.rl.hapo import EntropyStats
 from reasonrl.rl.shapers import BudgetShaper, EffortShaper, ShapingContext, apply_shapers
+from reasonrl.rl.staleness import stale_rows
 from reasonrl.rollout.base import AdaptiveTemperature, SamplingParams
-from reasonrl.trainers.collect import Scored, dynamic_sampling
+from reasonrl.trainers.collect import Scored, concat_scored, dynamic_sampling
 from reasonrl.trainers.data_order import prompts_for_step
 from reasonrl.trainers.sequence_parallel import broadcast_from_leader
 from reasonrl.trainers.sync_check import check_weight_sync, default_tolerance
@@ -40,6 +48,19 @@ class ProducedBatch:
     grader_errors: int
     seconds: float  # generation and scoring
     metrics: dict = field(default_factory=dict)  # dynamic sampling and shaping
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one generation round samples: this rank's prompt rows (with their effort and token budget) and the
+    sampling parameters (seeded by step and round)."""
+
+    step: int
+    rows: list[dict]
+    params: SamplingParams
+
+
+REGENERATE_ROUND = 1_000  # the seed offset of samples generated again (rollout.stale=regenerate)
 
 
 def correct_indicator(scored: Scored) -> torch.Tensor:
@@ -62,11 +83,14 @@ class Producer:
         self.effort_shaper = next((x for x in self.shapers if isinstance(x, EffortShaper)), None)
         self.sampling_stats: EntropyStats | None = None  # HAPO: the learner's latest entropy statistics
         self.engine_asleep = False
+        self.version = 0  # the policy version of the engine's weights (pushes so far, counted in trainer steps)
 
     # ------------------------------------------------------------------------------------------------ batches
-    def next_batch(self, step: int) -> ProducedBatch:
+    def next_batch(self, step: int, first: Scored | None = None) -> ProducedBatch:
+        """Step `step`'s batch; `first`: its first round, generated ahead (asynchronous training), else generated
+        now."""
         t0 = time.perf_counter()
-        scored, metrics = self.collect(step)
+        scored, metrics = self.collect(step, first)
         grader_errors = take_grader_errors()
         self._check_reward_failures(scored)
         if getattr(self.engine, "sleep_enabled", False):  # colocated vLLM on GPU: free its memory for training
@@ -78,14 +102,58 @@ class Producer:
         return ProducedBatch(step, scored, rewards, lengths, self.sampling_stats, grader_errors, seconds,
                              {**metrics, **shaping_metrics})
 
-    def collect(self, step: int) -> tuple[Scored, dict]:
-        """This rank's scored groups of `step`: one round, or DAPO dynamic sampling's rounds."""
+    def collect(self, step: int, first: Scored | None = None) -> tuple[Scored, dict]:
+        """This rank's scored groups of `step`: one round, or DAPO dynamic sampling's rounds (its refills are
+        generated now, with the newest weights)."""
+        metrics = {}
+        if first is not None:
+            first, metrics = self.within_staleness(step, first)
         ds = self.config.algorithm.dynamic_sampling
         if not ds.enabled:
-            return self._scored_round(step, 0), {}
+            return (self._scored_round(step, 0) if first is None else first), metrics
         per_rank = self.config.rollout.prompts_per_step // self.dp.num_processes
-        return dynamic_sampling(self.dp, lambda round_: self._scored_round(step, round_),
-                                groups_per_rank=per_rank, cfg=ds)
+        round_fn = lambda round_: first if round_ == 0 and first is not None else self._scored_round(step, round_)
+        scored, ds_metrics = dynamic_sampling(self.dp, round_fn, groups_per_rank=per_rank, cfg=ds)
+        return scored, {**metrics, **ds_metrics}
+
+    def plan(self, step: int, round_: int = 0) -> Plan:
+        """This rank's prompts of `step`'s round `round_` and their sampling parameters, from the current state
+        (shaper statistics, HAPO entropy statistics)."""
+        return Plan(step, self._local_prompt_rows(step, round_), self._sampling_params(step, round_))
+
+    def generate_and_score(self, plan: Plan) -> Scored:
+        """The plan's completions, scored: the engine and the reward functions only (safe in a worker thread)."""
+        batch, texts = self._generate(plan.rows, plan.params)
+        g = self.config.rollout.group_size
+        columns = {key: [row[key] for row in plan.rows for _ in range(g)] for key in plan.rows[0]}
+        scores = score_batch(self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
+                             logged=self.logged_reward_errors)
+        return Scored(plan.rows, batch, texts, torch.tensor(scores.total), torch.tensor(scores.valid),
+                      scores.per_func, scores.errors, scores.failures)
+
+    def within_staleness(self, step: int, scored: Scored) -> tuple[Scored, dict]:
+        """`scored` without its samples older than `rollout.max_staleness` versions at learner version `step`:
+        dropped (invalid, so neither advantages nor the loss see them) or, with `rollout.stale=regenerate`, their
+        groups generated again now."""
+        r = self.config.rollout
+        batch = scored.batch
+        stale = stale_rows(batch.token_versions, batch.completion_mask, learner_version=step,
+                           max_staleness=r.max_staleness)
+        count = torch.tensor([float(stale.sum())], device=self.acc.device)
+        metrics = {"async/dropped": 0.0, "async/regenerated": 0.0}
+        key = "async/regenerated" if r.stale == "regenerate" else "async/dropped"
+        metrics[key] = float(self.dp.reduce(count, reduction="sum").item())
+        if not bool(stale.any()):
+            return scored, metrics
+        if r.stale == "drop":
+            scored.valid = scored.valid & ~stale
+            return scored, metrics
+        g = r.group_size
+        old = sorted({int(i) // g for i in stale.nonzero().squeeze(-1).tolist()})
+        fresh = [i for i in range(len(scored.rows)) if i not in old]
+        params = self._sampling_params(step, REGENERATE_ROUND)
+        again = self.generate_and_score(Plan(step, [scored.rows[i] for i in old], params))
+        return (concat_scored([scored.select_groups(fresh), again]) if fresh else again), metrics
 
     def _scored_round(self, step: int, round_: int) -> Scored:
         """One generation round of this rank's prompts, scored. Under sequence parallelism the group leader
@@ -96,14 +164,7 @@ class Producer:
         return scored if self.sp is None else broadcast_from_leader(scored, self.sp)
 
     def _generate_and_score(self, step: int, round_: int) -> Scored:
-        rows = self._local_prompt_rows(step, round_)
-        batch, texts = self._generate(rows, self._sampling_params(step, round_))
-        g = self.config.rollout.group_size
-        columns = {key: [row[key] for row in rows for _ in range(g)] for key in rows[0]}
-        scores = score_batch(self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
-                             logged=self.logged_reward_errors)
-        return Scored(rows, batch, texts, torch.tensor(scores.total), torch.tensor(scores.valid), scores.per_func,
-                      scores.errors, scores.failures)
+        return self.generate_and_score(self.plan(step, round_))
 
     def _local_prompt_rows(self, step: int, round_: int = 0) -> list[dict]:
         """This rank's prompts of `step`; refill rounds of dynamic sampling draw from independent shuffles, so a
@@ -146,16 +207,19 @@ class Producer:
         mask = torch.zeros((n, width), dtype=torch.bool)
         logps = torch.zeros((n, width))
         entropy = torch.zeros((n, width)) if out.entropies is not None else None
+        versions = torch.full((n, width), self.version, dtype=torch.long)  # engines without versions: the current
         for i, (tok, lp) in enumerate(zip(out.completion_ids, out.logprobs)):
             ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
             mask[i, : len(tok)] = True
             logps[i, : len(lp)] = torch.tensor(lp)
             if entropy is not None:
                 entropy[i, : len(tok)] = torch.tensor(out.entropies[i])
+            if out.versions is not None and tok:
+                versions[i, : len(tok)] = torch.tensor(out.versions[i], dtype=torch.long)
         batch = RolloutBatch(
             prompt_ids=[p for p in prompts for _ in range(r.group_size)], completion_ids=ids, completion_mask=mask,
             rollout_logprobs=logps, finish_reasons=out.finish_reasons, group_size=r.group_size,
-            rollout_entropy=entropy,
+            rollout_entropy=entropy, token_versions=versions,
         )
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         return batch, texts
@@ -215,10 +279,29 @@ class Producer:
         engine (a no-op for hf, which generates with the policy itself) and, with `probe_policy` and `batch`,
         check with a parity probe that the engine now scores like that policy."""
         r = self.config.rollout
+        self.version = step
         if r.engine == "hf":
             return {}
         t0 = time.perf_counter()
+        gate = getattr(self.engine, "gate", None)  # engines that record token versions (server)
+        with contextlib.nullcontext() if gate is None else gate.update(step):
+            self._push(weights)
+        metrics = {"time/weight_sync": time.perf_counter() - t0}
+        pushes = r.engine != "server" or self.acc.is_main_process
+        probe = probe_policy is not None and batch is not None and (pushes or self.zero == 3)  # ZeRO-3: collective
+        if probe:
+            engine_dtype = getattr(self.engine, "dtype", None) or self.config.model.dtype
+            tol = r.sync_check_tol if r.sync_check_tol is not None else default_tolerance(engine_dtype)
+            metrics.update(check_weight_sync(self.engine, probe_policy, batch, pad_id=self.tokenizer.pad_token_id,
+                                             tolerance=tol, step=step))
+        return metrics
+
+    def _push(self, weights) -> None:
+        """The push itself (the engine's generation paused by the caller)."""
+        r = self.config.rollout
         pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
+        if r.engine == "server" and r.max_staleness:  # every rank's generation paused before the server changes
+            self.acc.wait_for_everyone()
         if self.engine_asleep:
             self.engine.wake_up(["weights"])  # weights first, KV cache after the push: a lower peak
         if pushes:
@@ -231,14 +314,6 @@ class Producer:
             self.engine_asleep = False
         if r.engine == "server":
             self.acc.wait_for_everyone()  # no rank generates from the server before the push is complete
-        metrics = {"time/weight_sync": time.perf_counter() - t0}
-        probe = probe_policy is not None and batch is not None and (pushes or self.zero == 3)  # ZeRO-3: collective
-        if probe:
-            engine_dtype = getattr(self.engine, "dtype", None) or self.config.model.dtype
-            tol = r.sync_check_tol if r.sync_check_tol is not None else default_tolerance(engine_dtype)
-            metrics.update(check_weight_sync(self.engine, probe_policy, batch, pad_id=self.tokenizer.pad_token_id,
-                                             tolerance=tol, step=step))
-        return metrics
 
     def state_dict(self) -> dict:
         return {"sampling_stats": None if self.sampling_stats is None else self.sampling_stats.to_list(),

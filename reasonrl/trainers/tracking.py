@@ -63,7 +63,7 @@ class Tracker:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         console(format_console(step, clean))
         if self.run is not None:
-            self.run.log(clean, step=step)
+            self.run.log({**clean, **_histograms(clean)}, step=step)
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         """A table of sample completions (prompt, completion, answer, reward)."""
@@ -78,6 +78,27 @@ class Tracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+LAG_PREFIX = "async/tokens_at_lag_"  # the learner's count of trained tokens at each staleness (learner.py)
+
+
+def lag_histogram(metrics: dict) -> tuple[list[float], list[float]] | None:
+    """(counts, bin edges) of the trained tokens over their staleness 0..k, from the per-lag counts (None if absent)."""
+    lags = sorted(int(key.removeprefix(LAG_PREFIX)) for key in metrics if key.startswith(LAG_PREFIX))
+    if not lags:
+        return None
+    return [metrics[f"{LAG_PREFIX}{lag}"] for lag in lags], [lag - 0.5 for lag in lags] + [lags[-1] + 0.5]
+
+
+def _histograms(metrics: dict) -> dict:
+    """W&B histograms: the staleness (policy versions behind the learner) of the step's trained tokens."""
+    found = lag_histogram(metrics)
+    if found is None:
+        return {}
+    import wandb
+
+    return {"async/staleness_hist": wandb.Histogram(np_histogram=found)}
 
 
 def keep_history_until(path: Path, step: int | None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from reasonrl.config import ConfigError, RecipeConfig
+from reasonrl.config import ConfigError, RecipeConfig, RolloutConfig
 from reasonrl.rewards.combine import resolve_reward
 from reasonrl.rl.shapers import build_shaper
 
@@ -34,6 +34,7 @@ def validate(config: RecipeConfig, world_size: int) -> None:
     if r.is_floor > 0 and r.is_mode not in ("mask", "seq_mask"):
         raise ConfigError(f"rollout.is_floor={r.is_floor} is used by rollout.is_mode=mask or seq_mask only (is_mode="
                           f"{r.is_mode} truncates at rollout.is_cap): set is_mode=mask, seq_mask or is_floor=0")
+    validate_async(config)
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
     build_reward_shapers(config)  # unknown shapers or arguments fail here, before any model is loaded
@@ -48,6 +49,31 @@ def validate(config: RecipeConfig, world_size: int) -> None:
     validate_optim(config)
     validate_sparse_attention(config)
     validate_lora(config.model.lora)
+
+
+def validate_async(config: RecipeConfig) -> None:
+    """Asynchronous training needs an engine in its own process; its other keys mean nothing without it."""
+    r = config.rollout
+    if r.max_staleness == 0:
+        if r.inflight_updates:
+            raise ConfigError("rollout.inflight_updates=true needs rollout.max_staleness >= 1: synchronous training "
+                              "never pushes weights while the engine generates")
+        if r.stale != "drop":
+            raise ConfigError(f"rollout.stale={r.stale} needs rollout.max_staleness >= 1: synchronous training has "
+                              "no stale samples")
+    elif r.engine != "server":
+        raise ConfigError(
+            f"rollout.max_staleness={r.max_staleness} needs rollout.engine=server (the engine in its own process, on "
+            f"GPUs on its own devices), not {r.engine}: the hf engine samples with the learner's own weights, and the "
+            "in-process vllm engine shares the learner's process and devices (on CPU, its cores)")
+    elif config.model.sparse_attention.sequence_parallel > 1:
+        raise ConfigError("rollout.max_staleness >= 1 is not supported with model.sparse_attention.sequence_parallel "
+                          "> 1 (the group leader's rollouts are broadcast by a collective, which a generation thread "
+                          "cannot join)")
+    default_chunk = RolloutConfig().inflight_chunk_tokens
+    if not r.inflight_updates and r.inflight_chunk_tokens != default_chunk:
+        raise ConfigError(f"rollout.inflight_chunk_tokens={r.inflight_chunk_tokens} is used with "
+                          f"rollout.inflight_updates=true only: set it, or leave it at {default_chunk}")
 
 
 def needs_entropy(config: RecipeConfig) -> bool:

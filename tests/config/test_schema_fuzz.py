@@ -48,6 +48,9 @@ CONTEXT = {
     "algorithm.rmt.": ["algorithm.rmt.curriculum=true", "algorithm.rmt.ntp_weight_start=0.5",
                        "algorithm.rmt.ntp_weight_end=0.1"],
     "optim.power.": ["optim.schedule=power"],
+    "rollout.max_staleness": ["rollout.engine=server"],
+    "rollout.inflight_chunk_tokens": ["rollout.engine=server", "rollout.max_staleness=1",
+                                      "rollout.inflight_updates=true"],
     "optim.decay_steps": ["optim.schedule=wsd"],
     "optim.final_factor": ["optim.schedule=wsd", "optim.decay_steps=2"],
 }
@@ -73,6 +76,9 @@ LOAD_ONLY = {
     "rollout.vllm_block_size": "engine=vllm only",
     "rollout.vllm_max_num_seqs": "engine=vllm only",
     "rollout.server_timeout_s": "engine=server only (a `reasonrl serve` process)",
+    "rollout.max_staleness": "asynchronous training needs a `reasonrl serve` process (tests/trainers/test_async.py)",
+    "rollout.inflight_chunk_tokens": "asynchronous training needs a `reasonrl serve` process "
+                                     "(tests/trainers/test_async.py)",
     "rollout.sync_check_every": "the weight-sync probe of the vllm / server engines (hf shares the trainer's weights)",
     "rollout.sync_check_tol": "the weight-sync probe of the vllm / server engines (hf shares the trainer's weights)",
 }

@@ -90,6 +90,12 @@ def test_a_keep_end_below_the_default_starts_is_refused_by_validate():
       "optim.power.warmup_tokens=6"], "optim.power.warmup_tokens"),
     (["optim.lr=0.5", "optim.weight_decay=2"], "optim.weight_decay"),
     (["rollout.is_floor=0.5"], "rollout.is_floor"),
+    (["rollout.max_staleness=1"], "rollout.engine"),  # the hf engine samples with the learner's own weights
+    (["rollout.max_staleness=1", "rollout.engine=vllm"], "rollout.engine"),
+    (["rollout.inflight_updates=true", "rollout.engine=server"], "rollout.max_staleness"),
+    (["rollout.stale=regenerate", "rollout.engine=server"], "rollout.max_staleness"),
+    (["rollout.max_staleness=1", "rollout.engine=server", "rollout.inflight_chunk_tokens=4"],
+     "rollout.inflight_chunk_tokens"),
     (["rewards=[{name: accuracy, weight: 0}]"], "weight"),
     (["data.num_train=0"], "data.num_train"),
     (["model.attn_implementation=reasonrl_sparse", "model.sparse_attention.impl=triton",
@@ -103,6 +109,18 @@ def test_cross_key_rules_name_their_keys(override, key):
     config = load_config(SMOKE, override)  # each value alone is in its range
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(config, world_size=1)
+
+
+def test_async_training_rules():
+    """Asynchronous training is valid with the server engine (in-flight updates, regeneration, DAPO), and refused
+    with sequence parallelism, whose rollouts are broadcast by a collective a generation thread cannot join."""
+    server = ["rollout.engine=server", "rollout.max_staleness=2"]
+    validate(load_config(SMOKE, [*server, "rollout.inflight_updates=true", "rollout.inflight_chunk_tokens=4",
+                                 "rollout.stale=regenerate", "algorithm.dynamic_sampling.enabled=true"]), world_size=1)
+    sp = ["model.attn_implementation=reasonrl_sparse", "model.sparse_attention.sequence_parallel=2",
+          "optim.micro_batch_size=1"]
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness >= 1 is not supported with model.sparse_attention"):
+        validate(load_config(SMOKE, [*server, *sp]), world_size=2)
 
 
 def test_a_d3s_that_relaxes_is_valid():
