@@ -13,6 +13,8 @@ has no disabled mode):
 - `sync_server`: rollout.engine=server, max_staleness=0, the server pinned to one core and the trainer to the other
   (a reference row: where the time goes when generation and learning alternate across two processes).
 - `async_k1`, `async_k2`: rollout.engine=server, rollout.max_staleness=1 / 2, pinned like `sync_server`.
+- `async_k1_shared`: as `async_k1`, but the trainer runs on both cores (the server still on core 1 only): the
+  learner is the bottleneck on this task, and the server idles most of each step.
 
 Pinning: the server runs under `taskset -c <core 1>` with `VLLM_CPU_OMP_THREADS_BIND=<core 1>` and one OpenMP
 thread; the trainer under `taskset -c <core 0>` with OMP_NUM_THREADS=MKL_NUM_THREADS=1 (torch takes its thread count
@@ -57,6 +59,7 @@ ROWS = {  # name: (engine, max_staleness, pinned)
     "sync_server": ("server", 0, True),
     "async_k1": ("server", 1, True),
     "async_k2": ("server", 2, True),
+    "async_k1_shared": ("server", 1, False),  # the trainer on both cores, the server on one of them
 }
 SERVER_START_TIMEOUT_S = 600  # vLLM's start on one busy core: a minute or more
 TAIL_CHARS = 3000
@@ -236,7 +239,8 @@ def run_row(args, name: str, root: Path, cores: tuple[int, int]) -> dict:
         kill_group(server)
     row = summarize(out_dir, config, args.steps)
     row.update(engine=engine, max_staleness=staleness, pinned=pinned, wall_s=wall, server_startup_s=server_startup,
-               cores=f"trainer {train_core}, server {server_core}" if pinned else "shared")
+               cores=f"trainer {train_core}, server {server_core}" if pinned else
+               "shared" if server is None else f"trainer {train_core}+{server_core}, server {server_core}")
     return row
 
 
@@ -362,7 +366,7 @@ def main(argv=None) -> int:
 
         summary = {f"{n}_samples_per_s": figure(n, "samples_per_s") for n in ROWS}
         summary.update({f"{n}_eval_accuracy": figure(n, "eval_accuracy") for n in ROWS})
-        for n in ("sync_server", "async_k1", "async_k2"):
+        for n in ("sync_server", "async_k1", "async_k2", "async_k1_shared"):
             both = n in rows and "sync" in rows
             summary[f"{n}_vs_sync"] = rows[n]["samples_per_s"] / rows["sync"]["samples_per_s"] if both else None
         summary.update(machine=kind, config={"steps": args.steps, "rows": names, "num_eval": args.num_eval,

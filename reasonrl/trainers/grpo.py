@@ -76,21 +76,7 @@ class GRPOTrainer:
         self.resume_from = ckpt.latest_checkpoint(self.out_dir) if config.trainer.resume == "auto" else None
         lora_on = config.model.lora.enabled  # LoRA: the base weights always come from model_path
         policy_path = str(self.resume_from / "model") if self.resume_from and not lora_on else self.model_path
-        model, self.ref_model = self._load_models(policy_path)
-        optimizer = build_optimizer(model, config.optim)
-        if self.zero is not None:
-            configure_deepspeed(self.acc, max_grad_norm=config.optim.max_grad_norm)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.scheduler = build_scheduler(  # not prepared: see build_scheduler
-            optimizer, config.optim, total_steps=config.trainer.steps,
-            sequences_per_step=config.rollout.prompts_per_step * config.rollout.group_size,
-        )
-        self.policy = self.acc.unwrap_model(self.model)
-        if self.zero == 3 and self.ref_model is not None and not lora_on:  # loaded sharded (zero.Init): give it
-            self.ref_model = sharded_inference_engine(self.ref_model, self.acc)  # ZeRO-3's gather hooks
-        if self.zero == 3 and lora_on:
-            raise ConfigError("model.lora.enabled with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 (LoRA's "
-                              "optimizer state is small) or full fine-tuning under ZeRO-3")
+        self._prepare_training(policy_path)
         self.engine = build_engine(
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
             model_dtype=config.model.dtype, seed=config.trainer.seed,
@@ -124,6 +110,25 @@ class GRPOTrainer:
         )
         if self.acc.is_main_process:
             save_config(config, self.out_dir / "config.yaml")
+
+    def _prepare_training(self, policy_path: str) -> None:
+        """The policy, KL reference, optimizer and lr schedule, prepared by accelerate (DDP or DeepSpeed)."""
+        config, lora_on = self.config, self.config.model.lora.enabled
+        model, self.ref_model = self._load_models(policy_path)
+        optimizer = build_optimizer(model, config.optim)
+        if self.zero is not None:
+            configure_deepspeed(self.acc, max_grad_norm=config.optim.max_grad_norm)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scheduler = build_scheduler(  # not prepared: see build_scheduler
+            optimizer, config.optim, total_steps=config.trainer.steps,
+            sequences_per_step=config.rollout.prompts_per_step * config.rollout.group_size,
+        )
+        self.policy = self.acc.unwrap_model(self.model)
+        if self.zero == 3 and self.ref_model is not None and not lora_on:  # loaded sharded (zero.Init): give it
+            self.ref_model = sharded_inference_engine(self.ref_model, self.acc)  # ZeRO-3's gather hooks
+        if self.zero == 3 and lora_on:
+            raise ConfigError("model.lora.enabled with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 (LoRA's "
+                              "optimizer state is small) or full fine-tuning under ZeRO-3")
 
     def _load_models(self, policy_path: str):
         """(policy, KL reference or None), before accelerate.prepare. LoRA: only the adapters train (a resumed

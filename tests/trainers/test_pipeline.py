@@ -62,3 +62,15 @@ def test_plans_run_in_order_and_an_error_reaches_the_learner():
             worker.take(7)
     finally:
         worker.close()
+
+
+def test_the_staleness_counts_become_a_wandb_histogram(tmp_path):
+    from reasonrl.trainers.tracking import Tracker, lag_histogram
+
+    metrics = {"async/tokens_at_lag_0": 5.0, "async/tokens_at_lag_1": 3.0, "reward/mean": 0.5}
+    assert lag_histogram(metrics) == ([5.0, 3.0], [-0.5, 0.5, 1.5])
+    assert lag_histogram({"reward/mean": 0.5}) is None
+    tracker = Tracker(active=True, output_dir=str(tmp_path), project="t", mode="offline", config={}, run_name="t")
+    tracker.log(1, metrics, console=lambda line: None)  # an offline W&B run takes the histogram
+    tracker.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
