@@ -84,6 +84,7 @@ class Producer:
         self.sampling_stats: EntropyStats | None = None  # HAPO: the learner's latest entropy statistics
         self.engine_asleep = False
         self.version = 0  # the policy version of the engine's weights (pushes so far, counted in trainer steps)
+        self.planned_with: dict[int, EntropyStats | None] = {}  # the HAPO statistics each step's first round used
 
     # ------------------------------------------------------------------------------------------------ batches
     def next_batch(self, step: int, first: Scored | None = None) -> ProducedBatch:
@@ -99,7 +100,8 @@ class Producer:
         seconds = time.perf_counter() - t0
         lengths = scored.batch.completion_mask.sum(-1).float()
         rewards, shaping_metrics = self.shape_rewards(scored, lengths, step)
-        return ProducedBatch(step, scored, rewards, lengths, self.sampling_stats, grader_errors, seconds,
+        sampled_with = self.planned_with.pop(step, self.sampling_stats)  # (a round restored from a checkpoint: now)
+        return ProducedBatch(step, scored, rewards, lengths, sampled_with, grader_errors, seconds,
                              {**metrics, **shaping_metrics})
 
     def collect(self, step: int, first: Scored | None = None) -> tuple[Scored, dict]:
@@ -119,6 +121,8 @@ class Producer:
     def plan(self, step: int, round_: int = 0) -> Plan:
         """This rank's prompts of `step`'s round `round_` and their sampling parameters, from the current state
         (shaper statistics, HAPO entropy statistics)."""
+        if round_ == 0:
+            self.planned_with[step] = self.sampling_stats
         return Plan(step, self._local_prompt_rows(step, round_), self._sampling_params(step, round_))
 
     def generate_and_score(self, plan: Plan) -> Scored:
