@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 
 __all__ = ["accuracy_reward", "answers_match", "extract_answer", "format_reward", "normalize_answer",
            "take_grader_errors"]
 
 logger = logging.getLogger("reasonrl.rewards")
-# math_verify failures since the last `take_grader_errors()`: reward functions return plain lists (TRL's API), so
-# the count travels beside them; the trainer logs it as reward/grader_errors every step
-_grader_errors = 0
+# math_verify failures since the last `take_grader_errors()`, per thread: reward functions return plain lists (TRL's
+# API), so the count travels beside them; each scoring call takes its own thread's count (asynchronous training
+# scores in a worker thread and in the main thread at once) and the trainer logs it as reward/grader_errors
+_grader_counts = threading.local()
 _grader_error_logged = False
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -121,17 +123,17 @@ def answers_match(pred: str | None, gold: str) -> bool:
 
 
 def _count_grader_error(pred: str, gold: str, err: Exception) -> None:
-    global _grader_errors, _grader_error_logged
+    global _grader_error_logged
     if not _grader_error_logged:
         _grader_error_logged = True
         logger.warning("math_verify failed on %r vs %r (string comparison used)", pred, gold, exc_info=err)
-    _grader_errors += 1
+    _grader_counts.n = getattr(_grader_counts, "n", 0) + 1
 
 
 def take_grader_errors() -> int:
-    """math_verify failures since the last call (and resets the count)."""
-    global _grader_errors
-    count, _grader_errors = _grader_errors, 0
+    """This thread's math_verify failures since its last call (and resets the count)."""
+    count = getattr(_grader_counts, "n", 0)
+    _grader_counts.n = 0
     return count
 
 

@@ -27,6 +27,7 @@ class Scored:
     per_func: dict[str, list[float]]  # each reward function's raw scores (NaN where it failed)
     errors: int
     failures: dict[str, str] = field(default_factory=dict)  # reward function -> its last failure (traceback)
+    grader_errors: int = 0  # math_verify failures while scoring (reasonrl.rewards.math.take_grader_errors)
 
     @property
     def group_size(self) -> int:
@@ -40,7 +41,7 @@ class Scored:
             rows=[self.rows[i] for i in groups], batch=self.batch.select_rows(idx), texts=[self.texts[i] for i in rows],
             rewards=self.rewards[idx], valid=self.valid[idx],
             per_func={k: [v[i] for i in rows] for k, v in self.per_func.items()}, errors=self.errors,
-            failures=self.failures,
+            failures=self.failures, grader_errors=self.grader_errors,
         )
 
 
@@ -51,6 +52,7 @@ def concat_scored(parts: list[Scored]) -> Scored:
         valid=torch.cat([p.valid for p in parts]),
         per_func={k: [v for p in parts for v in p.per_func[k]] for k in parts[0].per_func},
         errors=sum(p.errors for p in parts), failures={k: v for p in parts for k, v in p.failures.items()},
+        grader_errors=sum(p.grader_errors for p in parts),
     )
 
 
@@ -70,7 +72,7 @@ def dynamic_sampling(acc, generate_round: Callable[[int], Scored], *, groups_per
     the last round is returned unfiltered: its advantages are all zero and the step is skipped.
     """
     kept: list[Scored] = []
-    generated = errors = 0
+    generated = errors = grader_errors = 0
     rounds = 0
     last = None
     while True:
@@ -78,6 +80,7 @@ def dynamic_sampling(acc, generate_round: Callable[[int], Scored], *, groups_per
         rounds += 1
         generated += len(last.rows)
         errors += last.errors
+        grader_errors += last.grader_errors
         values = signal_metric(last, cfg.metric)
         signal = groups_with_signal(values, last.valid, group_size=last.group_size)
         groups = signal.nonzero().squeeze(-1).tolist()
@@ -104,4 +107,5 @@ def dynamic_sampling(acc, generate_round: Callable[[int], Scored], *, groups_per
     }
     result = last if take == 0 else concat_scored(kept).select_groups(list(range(take)))
     result.errors = errors
+    result.grader_errors = grader_errors
     return result, metrics

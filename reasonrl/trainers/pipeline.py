@@ -112,7 +112,8 @@ def scored_to_json(scored: Scored) -> dict:
     return {
         "rows": scored.rows, "texts": scored.texts, "rewards": scored.rewards.tolist(),
         "valid": scored.valid.tolist(), "per_func": scored.per_func, "errors": scored.errors,
-        "failures": scored.failures, "prompt_ids": b.prompt_ids, "finish_reasons": b.finish_reasons,
+        "failures": scored.failures, "grader_errors": scored.grader_errors, "prompt_ids": b.prompt_ids,
+        "finish_reasons": b.finish_reasons,
         "group_size": b.group_size,
         "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "values": t.tolist()}
                     for name, t in tensors.items()},
@@ -129,7 +130,8 @@ def scored_from_json(data: dict) -> Scored:
                          rollout_entropy=tensors.get("rollout_entropy"), token_versions=tensors.get("token_versions"))
     return Scored(rows=data["rows"], batch=batch, texts=data["texts"],
                   rewards=torch.tensor(data["rewards"], dtype=torch.float32), valid=torch.tensor(data["valid"]),
-                  per_func=data["per_func"], errors=data["errors"], failures=data["failures"])
+                  per_func=data["per_func"], errors=data["errors"], failures=data["failures"],
+                  grader_errors=data["grader_errors"])
 
 
 def results_file(folder: Path, rank: int) -> Path:

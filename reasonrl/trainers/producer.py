@@ -92,7 +92,6 @@ class Producer:
         now."""
         t0 = time.perf_counter()
         scored, metrics = self.collect(step, first)
-        grader_errors = take_grader_errors()
         self._check_reward_failures(scored)
         if getattr(self.engine, "sleep_enabled", False):  # colocated vLLM on GPU: free its memory for training
             self.engine.sleep(level=1)
@@ -101,7 +100,7 @@ class Producer:
         lengths = scored.batch.completion_mask.sum(-1).float()
         rewards, shaping_metrics = self.shape_rewards(scored, lengths, step)
         sampled_with = self.planned_with.pop(step, self.sampling_stats)  # (a round restored from a checkpoint: now)
-        return ProducedBatch(step, scored, rewards, lengths, sampled_with, grader_errors, seconds,
+        return ProducedBatch(step, scored, rewards, lengths, sampled_with, scored.grader_errors, seconds,
                              {**metrics, **shaping_metrics})
 
     def collect(self, step: int, first: Scored | None = None) -> tuple[Scored, dict]:
@@ -133,7 +132,7 @@ class Producer:
         scores = score_batch(self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
                              logged=self.logged_reward_errors)
         return Scored(plan.rows, batch, texts, torch.tensor(scores.total), torch.tensor(scores.valid),
-                      scores.per_func, scores.errors, scores.failures)
+                      scores.per_func, scores.errors, scores.failures, grader_errors=take_grader_errors())
 
     def within_staleness(self, step: int, scored: Scored) -> tuple[Scored, dict]:
         """`scored` without its samples older than `rollout.max_staleness` versions at learner version `step`:

@@ -144,3 +144,16 @@ def test_math_verify_errors_are_counted_and_logged_once(monkeypatch, caplog):
     assert math_rewards.answers_match("12", "12.0") is True  # numeric: math_verify not asked
     assert math_rewards.take_grader_errors() == 2 and math_rewards.take_grader_errors() == 0
     assert len([r for r in caplog.records if "math_verify failed" in r.getMessage()]) == 1
+    # each thread counts its own (asynchronous training scores in a worker thread and the main thread at once)
+    import threading
+
+    taken = {}
+
+    def score_in_a_worker():
+        math_rewards.answers_match("x + 1", "1 + x")
+        taken["worker"] = math_rewards.take_grader_errors()
+
+    worker = threading.Thread(target=score_in_a_worker)
+    worker.start()
+    worker.join()
+    assert taken == {"worker": 1} and math_rewards.take_grader_errors() == 0

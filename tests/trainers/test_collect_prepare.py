@@ -29,7 +29,7 @@ def fake_round(rewards_per_group, start=0):
     rewards = torch.tensor([r for group in rewards_per_group for r in group], dtype=torch.float32)
     rows = [{"question": f"q{start + i}", "answer": "1"} for i in range(p)]
     return Scored(rows, batch, [f"t{start + i}" for i in range(n)], rewards, torch.ones(n, dtype=torch.bool),
-                  {"accuracy": rewards.tolist()}, errors=1)
+                  {"accuracy": rewards.tolist()}, errors=1, grader_errors=3)
 
 
 def test_dynamic_sampling_refills_until_the_batch_is_full():
@@ -39,7 +39,7 @@ def test_dynamic_sampling_refills_until_the_batch_is_full():
     assert [row["question"] for row in out.rows] == ["q1", "q10", "q12"]  # only groups with a reward spread
     assert out.rewards.tolist() == [0, 1, 1, 0, 0.5, 0]
     assert out.batch.prompt_ids == [[1], [1], [10], [10], [12], [12]]
-    assert out.errors == 2  # the errors of every round, not only of the kept groups
+    assert out.errors == 2 and out.grader_errors == 6  # the errors of every round, not only of the kept groups
     assert metrics == {"dynamic/gen_rounds": 2.0, "dynamic/prompts_generated": 6.0, "dynamic/groups_kept": 3.0,
                        "dynamic/shortfall": 0.0}
 

@@ -20,7 +20,8 @@ def _scored(step: int) -> Scored:
                          group_size=2, token_versions=torch.tensor([[step, step, 0], [step - 1, step, step]]))
     return Scored(rows=[{"question": f"q{step}", "answer": "1"}], batch=batch, texts=["a", "b"],
                   rewards=torch.rand(2, generator=g), valid=torch.tensor([True, False]),
-                  per_func={"accuracy": [1.0, float("nan")]}, errors=1, failures={"accuracy": "Traceback ..."})
+                  per_func={"accuracy": [1.0, float("nan")]}, errors=1, failures={"accuracy": "Traceback ..."},
+                  grader_errors=step)
 
 
 def test_results_round_trip_exactly(tmp_path):
@@ -35,6 +36,7 @@ def test_results_round_trip_exactly(tmp_path):
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
         assert torch.equal(again.rewards, scored.rewards) and torch.equal(again.valid, scored.valid)
         assert again.rows == scored.rows and again.texts == scored.texts and again.errors == scored.errors
+        assert again.grader_errors == scored.grader_errors == step
         assert again.per_func["accuracy"][0] == 1.0 and again.per_func["accuracy"][1] != again.per_func["accuracy"][1]
     assert load_results(tmp_path, 1, num_processes=4) == {}  # another layout: generated again
     assert load_results(tmp_path, 0, num_processes=2) == {}  # nothing saved for rank 0
