@@ -250,10 +250,10 @@ class ServerEngine:
             if not choices:
                 out.append_empty(params.n)
             for choice in choices:
-                ids = list(choice["token_ids"])
+                ids, logps, reason = _choice_tokens(choice)
                 out.completion_ids.append(ids)
-                out.logprobs.append([float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)])
-                out.finish_reasons.append("length" if choice["finish_reason"] == "length" else "stop")
+                out.logprobs.append(logps)
+                out.finish_reasons.append(reason)
         return out
 
     def _generate_in_chunks(self, prompt_ids, params: SamplingParams, max_new_tokens) -> RolloutOutput:
@@ -276,12 +276,10 @@ class ServerEngine:
                                           min(chunk, budgets[i] - len(out.completion_ids[i])), i) for i in pending]
                 responses = self._concurrently(self._complete, payloads, f"continuing {len(pending)} samples")
             for i, response in zip(pending, responses):
-                choice = response["choices"][0]
-                ids = list(choice["token_ids"])
+                ids, logps, out.finish_reasons[i] = _choice_tokens(response["choices"][0])
                 out.completion_ids[i] += ids
-                out.logprobs[i] += [float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)]
+                out.logprobs[i] += logps
                 out.versions[i] += [version] * len(ids)
-                out.finish_reasons[i] = "length" if choice["finish_reason"] == "length" else "stop"
             pending = [i for i in pending if _continues(out, i, budgets[i])]
         return out
 
@@ -459,6 +457,13 @@ class ServerEngine:
             except (ServerUnavailableError, ServerRequestError):
                 pass
         self._drop_group()
+
+
+def _choice_tokens(choice: dict) -> tuple[list[int], list[float], str]:
+    """A completion choice's (token ids, their log-probs, finish reason "stop" or "length")."""
+    ids = list(choice["token_ids"])
+    logps = [float(x) for x in choice["logprobs"]["token_logprobs"]][: len(ids)]
+    return ids, logps, "length" if choice["finish_reason"] == "length" else "stop"
 
 
 def _continues(out: RolloutOutput, i: int, budget: int) -> bool:

@@ -290,8 +290,7 @@ class Producer:
         with contextlib.nullcontext() if gate is None else gate.update(step):
             self._push(weights)
         metrics = {"time/weight_sync": time.perf_counter() - t0}
-        pushes = r.engine != "server" or self.acc.is_main_process
-        probe = probe_policy is not None and batch is not None and (pushes or self.zero == 3)  # ZeRO-3: collective
+        probe = probe_policy is not None and batch is not None and (self._pushes() or self.zero == 3)  # ZeRO-3: collective
         if probe:
             engine_dtype = getattr(self.engine, "dtype", None) or self.config.model.dtype
             tol = r.sync_check_tol if r.sync_check_tol is not None else default_tolerance(engine_dtype)
@@ -302,7 +301,7 @@ class Producer:
     def _push(self, weights) -> None:
         """The push itself (the engine's generation paused by the caller)."""
         r = self.config.rollout
-        pushes = r.engine != "server" or self.acc.is_main_process  # one push per server, by the main process
+        pushes = self._pushes()
         if r.engine == "server" and r.max_staleness:  # every rank's generation paused before the server changes
             self.acc.wait_for_everyone()
         if self.engine_asleep:
@@ -317,6 +316,10 @@ class Producer:
             self.engine_asleep = False
         if r.engine == "server":
             self.acc.wait_for_everyone()  # no rank generates from the server before the push is complete
+
+    def _pushes(self) -> bool:
+        """Whether this rank pushes: every rank into its own in-process engine, the main process into the server."""
+        return self.config.rollout.engine != "server" or self.acc.is_main_process
 
     def state_dict(self) -> dict:
         return {"sampling_stats": None if self.sampling_stats is None else self.sampling_stats.to_list(),
