@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from reasonrl.rl.losses import token_logprobs_and_entropy
+from reasonrl.rl.losses import LOGPROB_CHUNK_ROWS, token_logprobs_and_entropy
 
 
 def logprobs_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_size: int = 1024
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_size: int = LOGPROB_CHUNK_ROWS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] log-probs of ``targets`` under softmax(logits / temperature) (what the policy-gradient ratio and the KL
     read), and the entropy H_t of softmax(logits) at T = 1 (the spec's H, algorithms.md "Notation": HAPO, D3S and RMT
@@ -50,7 +50,7 @@ def completion_logprobs(
     *,
     pad_id: int,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = LOGPROB_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | x, y_<t) of the tau-tempered policy and the policy's entropy at T = 1, both [B, T]
     (`logprobs_and_entropy`).
@@ -99,7 +99,7 @@ def packed_completion_logprobs(
     *,
     pad_id: int,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = LOGPROB_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`completion_logprobs` without padding: the same [B, T] log-probs and entropies (zeros where the mask is 0).
 
@@ -159,7 +159,7 @@ def full_sequence_completion_logprobs(
     *,
     pad_id: int,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = LOGPROB_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`completion_logprobs` without the shared-prompt KV cache: each row runs as one padded sequence (left-padded
     prompt, then its completion), as gradient checkpointing needs (transformers drops the cache under it).

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from reasonrl.kernels.context import RingContext, ring_forward
 from reasonrl.kernels.ring import stripe, striped_positions, unstripe
+from reasonrl.rl.losses import LOGPROB_CHUNK_ROWS
 from reasonrl.trainers.policy import logprobs_and_entropy
 
 
@@ -139,7 +140,7 @@ def padded_length(length: int, sp: SequenceParallel) -> int:
 
 def sequence_parallel_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
                                           completion_mask: torch.Tensor, *, pad_id: int, sp: SequenceParallel,
-                                          temperature: float = 1.0, chunk_size: int = 1024):
+                                          temperature: float = 1.0, chunk_size: int = LOGPROB_CHUNK_ROWS):
     """`completion_logprobs` of ONE row (micro-batches of 1 sequence) split across the group: [1, T] log-probs and
     entropies, the same on every rank of the group, differentiable through every rank's share.
 
