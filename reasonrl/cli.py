@@ -85,11 +85,13 @@ def eval_rollout_config(args) -> RolloutConfig:
 def build_cli_engine(rollout: RolloutConfig, model_path: str, tokenizer, *, dtype: str, seed: int = 0, **engine_kw):
     """The engine of a command, through the trainer's factory: hf generates with the loaded model (a LoRA adapter
     merged); vllm and server load nothing here (a LoRA checkpoint would need its merged model saved first)."""
+    from reasonrl.precision import resolve_precision
     from reasonrl.rollout.factory import build_engine
 
     if rollout.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
         raise ValueError(f"{model_path}: a LoRA checkpoint runs with --engine hf (vLLM would need the merged model "
                          "saved)")
+    dtype = resolve_precision(dtype).dtype  # "auto": bf16 where the hardware runs it fast
     model = load_eval_model(model_path, dtype) if rollout.engine == "hf" else None
     return build_engine(rollout, model=model, tokenizer=tokenizer, model_path=model_path, model_dtype=dtype,
                         seed=seed, **engine_kw)
@@ -264,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--answer-mode", default="lenient", choices=["lenient", "hash", "boxed", "last_number"])
     add_engine_arguments(ev)
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 where the hardware has fast bf16 (model.dtype: auto), else float32")
     ev.add_argument("--json", action="store_true", help="print one JSON line")
     ev.add_argument("--effort", type=effort_arg, help="e1 effort r in (0, 1]: the prompts get the effort line")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of --config")
@@ -303,7 +306,8 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--n", type=int, default=1, help="completions per question")
     gen.add_argument("--seed", type=int, help="sampling seed (reproducible sampling)")
     add_engine_arguments(gen)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 where the hardware has fast bf16 (model.dtype: auto), else float32")
     reflex = gen.add_argument_group("CyclicReflex (reflection-token logit wave, algorithms.md section 8)")
     reflex.add_argument("--cyclic-reflex", action="store_true", help="add the triangular wave to reflection tokens")
     reflex.add_argument("--reflex-amplitude", type=float, default=1.0, metavar="A")

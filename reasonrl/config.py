@@ -106,7 +106,10 @@ class SparseAttentionSettings:
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"  # local HF folder, hub id, or built-in name
-    dtype: str = choice("float32", ["float32", "bfloat16", "float16"])
+    dtype: str = choice("float32", ["auto", "float32", "bfloat16", "float16"],
+                        "compute dtype; training keeps float32 master weights (bfloat16: bf16 autocast over them). auto: "
+                        "bfloat16 where the device has fast bf16 (CUDA with bf16, a CPU with AVX512_BF16 or AMX_BF16), "
+                        "else float32 (reasonrl/precision.py). float16 is refused for training (no loss scaling)")
     attn_implementation: str | None = None  # as in transformers ("sdpa", "eager", ...), or "reasonrl_sparse"
     sparse_attention: SparseAttentionSettings = field(default_factory=SparseAttentionSettings)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -157,6 +157,9 @@ def drqa_data(args) -> int:
     if args.engine != "hf" and (Path(model_path) / "adapter_config.json").is_file():
         raise SystemExit("a LoRA checkpoint is used with --engine hf (vLLM would need the merged model saved)")
     tokenizer = load_tokenizer(model_path)
+    from reasonrl.precision import resolve_precision
+
+    args.dtype = resolve_precision(args.dtype).dtype
     model = load_eval_model(model_path, args.dtype)
     engine = build_engine(RolloutConfig(engine=args.engine, batch_size=args.batch_size), model=model,
                           tokenizer=tokenizer, model_path=model_path, model_dtype=args.dtype, seed=args.seed)
@@ -192,7 +195,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output JSONL file (folders are created)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     p.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences generated together")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and arithmetic questions' seed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     p.set_defaults(func=drqa_data)

@@ -130,3 +130,23 @@ def load_model(path: str, *, dtype: str = "float32", attn_implementation: str | 
     if attn_implementation == sparse_hf.ATTN_IMPLEMENTATION:
         sparse_hf.configure_model(model, sparse_attention)
     return model
+
+
+def load_policy(path: str, model_cfg, *, compute_dtype: str):
+    """The model the trainer optimizes, from a local folder or hub id: float32 weights (the optimizer's masters),
+    every forward under `compute_dtype` autocast (bf16: `precision.autocast_forward`), gradient checkpointing and
+    LoRA adapters as `model_cfg` (a ModelConfig) says."""
+    from dataclasses import asdict
+
+    from reasonrl.precision import autocast_forward
+    from reasonrl.trainers import lora
+
+    model = load_model(path, dtype="float32", attn_implementation=model_cfg.attn_implementation,
+                       sparse_attention=asdict(model_cfg.sparse_attention))
+    if model_cfg.gradient_checkpointing:  # active in train mode only (see policy.completion_logprobs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # (from_pretrained returns eval mode; the engines switch to eval mode to generate)
+    autocast_forward(model, compute_dtype)
+    if model_cfg.lora.enabled:
+        model = lora.apply_lora(model, model_cfg.lora)
+    return model

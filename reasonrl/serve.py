@@ -33,7 +33,7 @@ def vllm_server_argv(args) -> list[str]:
         "--served-model-name", args.model,
         "--host", args.host,
         "--port", str(args.port),
-        "--dtype", args.dtype or ("float32" if _cpu_only() else "bfloat16"),
+        "--dtype", _server_dtype(args.dtype),
         "--seed", str(args.seed),
         "--weight-transfer-config", json.dumps({"backend": "gloo"}),
         "--logprobs-mode", "processed_logprobs",
@@ -54,6 +54,16 @@ def vllm_server_argv(args) -> list[str]:
         if args.gpu_memory_utilization is None:
             argv += ["--gpu-memory-utilization", "0.3"]
     return argv + list(getattr(args, "passthrough", []))
+
+
+def _server_dtype(requested: str | None) -> str:
+    """--dtype: as given; auto: bf16 where the hardware has fast bf16 (reasonrl/precision.py); unset: float32 on CPU
+    (on an AVX2-only CPU vLLM's bf16 path measured 3-4x slower), bfloat16 on GPU."""
+    if requested == "auto":
+        from reasonrl.precision import resolve_precision
+
+        return resolve_precision("auto", "cpu" if _cpu_only() else "cuda").dtype
+    return requested or ("float32" if _cpu_only() else "bfloat16")
 
 
 def _cpu_only() -> bool:
@@ -105,8 +115,9 @@ def add_parser(sub) -> None:
                    "generate and read /server_info, and whoever has the weight token can push weights. Give "
                    "--api-key there, and keep it on a private network: the keys travel in plain HTTP (no TLS)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: float32 on CPU (vLLM's CPU bf16 path measured 3-4x slower here), bfloat16 on GPU")
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="default: float32 on CPU, bfloat16 on GPU; auto: bfloat16 where the hardware has fast bf16 "
+                   "(CUDA with bf16, a CPU with AVX512_BF16 or AMX_BF16), else float32")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -5,7 +5,9 @@ vLLM's own `LLM.generate` standalone; plus the weight-sync time of the `vllm` en
     .venv/bin/python scripts/bench_rollout.py --prompts 16 --json
 
 The prompts are the default recipe's task (2-digit arithmetic, its chat template), sampled at temperature 1.0 with
-fixed seeds; every engine runs the model in the same dtype (fp32 by default, as the default recipe on CPU). Every row's process
+fixed seeds; each dtype of --dtypes (default: float32 and bfloat16) gets every row, so bf16 is compared with fp32 side by
+side (bf16 rows: the trainer's policy is float32 under bf16 autocast, as model.dtype=bfloat16 trains; the vLLM engines
+run bf16, the weight sync casting). The script prints the CPU ISA torch reports and what model.dtype=auto picks. Every row's process
 gets the malloc settings of the reasonrl entry points (reasonrl/malloc_tuning.py; REASONRL_MALLOC_TUNING=0 turns
 them off), and the standalone row the same vLLM options as the engine on CPU (32-token KV blocks, the whole batch in
 one decode wave), so the two vLLM rows differ only in how vLLM is hosted. Each
@@ -112,11 +114,11 @@ def bench_standalone(model_path, prompts, params, max_new_tokens, dtype, compile
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "startup_s": startup}
 
 
-def run_child(args, which: str, model_path: str, compile_: bool = False) -> dict:
+def run_child(args, which: str, model_path: str, dtype: str, compile_: bool = False) -> dict:
     """One row in a fresh process, so that no engine inherits another's memory or threads (vLLM checks the free
     memory at start-up)."""
     cmd = [sys.executable, __file__, "--child", which, "--model", model_path, "--prompts", str(args.prompts),
-           "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
+           "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--dtypes", dtype,
            "--seed", str(args.seed), "--hf-batch-size", str(args.hf_batch_size), "--sync-repeats",
            str(args.sync_repeats)]
     cmd += ["--compile"] if compile_ else []
@@ -134,6 +136,7 @@ def child_row(args) -> dict:
 
     from reasonrl.malloc_tuning import tune_malloc
     from reasonrl.models import load_model, load_tokenizer
+    from reasonrl.precision import autocast_forward
     from reasonrl.rollout.base import SamplingParams
 
     tune_malloc()  # as the reasonrl entry points do, in every row's process
@@ -142,11 +145,12 @@ def child_row(args) -> dict:
     prompts = task_prompts(tokenizer, args.prompts)
     if args.child == "standalone":
         params = {"n": args.samples, "temperature": 1.0, "seed": args.seed}
-        return bench_standalone(args.model, prompts, params, args.max_new_tokens, args.dtype, args.compile)
-    model = load_model(args.model, dtype=args.dtype).eval()  # the trainer's policy, next to the vllm engine
+        return bench_standalone(args.model, prompts, params, args.max_new_tokens, args.dtypes, args.compile)
+    # the trainer's policy (float32 masters, autocast to the run's dtype), next to the vllm engine
+    model = autocast_forward(load_model(args.model, dtype="float32").eval(), args.dtypes)
     params = SamplingParams(n=args.samples, temperature=1.0, seed=args.seed)
     if args.child == "vllm":
-        return bench_vllm_engine(model, args.model, tokenizer, prompts, params, args.max_new_tokens, args.dtype,
+        return bench_vllm_engine(model, args.model, tokenizer, prompts, params, args.max_new_tokens, args.dtypes,
                                  args.sync_repeats, args.compile)
     with torch.no_grad():
         return bench_hf(model, tokenizer, prompts, params, args.max_new_tokens, args.hf_batch_size)
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--hf-batch-size", type=int, default=256, help="sequences the hf engine generates together")
     parser.add_argument("--sync-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,41 +179,45 @@ def main(argv=None) -> int:
     import torch
 
     from reasonrl.models import resolve_model_path
+    from reasonrl.precision import cpu_isa_flags, resolve_precision
 
     model_path = resolve_model_path(args.model)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     modes = [False, True] if args.compile else [False]
-    rows = {"hf": run_child(args, "hf", model_path)}
-    for compiled in modes:
-        tag = ", compiled" if compiled else ""
-        rows[f"vllm (in trainer{tag})"] = run_child(args, "vllm", model_path, compiled)
-        rows[f"vllm LLM.generate (standalone{tag})"] = run_child(args, "standalone", model_path, compiled)
-
-    ratios = {}
-    for compiled in modes:
-        tag = ", compiled" if compiled else ""
-        engine, standalone = rows[f"vllm (in trainer{tag})"], rows[f"vllm LLM.generate (standalone{tag})"]
-        key = "_compiled" if compiled else ""
-        ratios[f"vllm{key}_over_hf"] = engine["tokens_per_s"] / rows["hf"]["tokens_per_s"]
-        ratios[f"vllm{key}_over_standalone"] = engine["tokens_per_s"] / standalone["tokens_per_s"]
+    isa = {k: v for k, v in cpu_isa_flags().items() if k in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16")}
+    print(f"CPU ISA (torch): {isa}; model.dtype=auto here: {resolve_precision('auto').describe()}", flush=True)
+    rows, ratios = {}, {}
+    for dtype in dtypes:
+        rows[f"hf ({dtype})"] = run_child(args, "hf", model_path, dtype)
+        for compiled in modes:
+            tag = f"{dtype}, compiled" if compiled else dtype
+            rows[f"vllm (in trainer, {tag})"] = run_child(args, "vllm", model_path, dtype, compiled)
+            rows[f"vllm LLM.generate (standalone, {tag})"] = run_child(args, "standalone", model_path, dtype, compiled)
+            engine, standalone = rows[f"vllm (in trainer, {tag})"], rows[f"vllm LLM.generate (standalone, {tag})"]
+            key = f"{dtype}{'_compiled' if compiled else ''}"
+            ratios[f"vllm_over_hf/{key}"] = engine["tokens_per_s"] / rows[f"hf ({dtype})"]["tokens_per_s"]
+            ratios[f"vllm_over_standalone/{key}"] = engine["tokens_per_s"] / standalone["tokens_per_s"]
     print(f"\n{args.prompts} prompts x {args.samples} samples, up to {args.max_new_tokens} new tokens, T=1.0, "
-          f"{args.dtype}, {torch.get_num_threads()} threads, model {args.model}, "
-          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}\n")
-    print("| engine | generated tokens | seconds | tokens/s | engine start-up s |")
-    print("|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads, model {args.model}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}\n")
+    print("| engine | generated tokens | seconds | tokens/s | engine start-up s | weight sync s |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         startup = f"{row['startup_s']:.1f}" if "startup_s" in row else "-"
-        print(f"| {name} | {row['tokens']} | {row['seconds']:.1f} | {row['tokens_per_s']:.0f} | {startup} |")
+        sync = f"{row['weight_sync_s']:.3f}" if "weight_sync_s" in row else "-"
+        print(f"| {name} | {row['tokens']} | {row['seconds']:.1f} | {row['tokens_per_s']:.0f} | {startup} | {sync} |")
     print()
-    for compiled in modes:
-        tag, key = (" (compiled)", "_compiled") if compiled else ("", "")
-        engine = rows[f"vllm (in trainer{', compiled' if compiled else ''})"]
-        print(f"vllm engine{tag} / hf engine: {ratios[f'vllm{key}_over_hf']:.2f}x (target >= 4x); "
-              f"/ standalone vLLM: {ratios[f'vllm{key}_over_standalone']:.0%} (target >= 90%); weight sync "
-              f"{engine['weight_sync_s']:.3f} s (median of {args.sync_repeats}; target < 1 s)")
+    for key in (k.split("/", 1)[1] for k in ratios if k.startswith("vllm_over_hf/")):
+        print(f"{key}: vllm engine / hf engine {ratios[f'vllm_over_hf/{key}']:.2f}x (target >= 4x); / standalone "
+              f"vLLM {ratios[f'vllm_over_standalone/{key}']:.0%} (target >= 90%)")
+    if "float32" in dtypes and "bfloat16" in dtypes:
+        for name in [n for n in rows if n.endswith(("(float32)", ", float32)"))]:
+            twin = name.replace("float32", "bfloat16")
+            ratios[f"bf16_over_fp32/{name}"] = rows[twin]["tokens_per_s"] / rows[name]["tokens_per_s"]
+            print(f"{twin} / {name}: {ratios[f'bf16_over_fp32/{name}']:.2f}x"
+                  f"{' (target >= 1.5x with fast bf16)' if name.startswith('vllm (in trainer') else ''}")
     if args.json:
-        print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "child"},
-                          "engines": rows, "ratios": ratios,
-                          "weight_sync_s": rows["vllm (in trainer)"]["weight_sync_s"]}))
+        print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "child"}, "isa": isa,
+                          "engines": rows, "ratios": ratios}))
     return 0
 
 

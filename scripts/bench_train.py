@@ -31,15 +31,21 @@ sys.path.insert(0, str(REPO))
 RECIPE = REPO / "recipes" / "arith" / "grpo.yaml"  # the default task with the hf engine and a constant lr, pinned
 ZERO = REPO / "recipes" / "accelerate"
 # name: (table label, recipe overrides, accelerate launch config for 2 processes or None)
+FP32 = "model.dtype=float32"  # the recipe says auto: the fp32 rows pin it
 CONFIGS = {
-    "plain": ("plain loop", [], None),
-    "padded": ("trainer (padded)", [], None),
-    "packing": ("trainer (packing)", ["optim.packing=true"], None),
-    "checkpointing": ("trainer (grad checkpointing)", ["model.gradient_checkpointing=true"], None),
-    "lora": ("trainer LoRA", ["model.lora.enabled=true"], None),
-    "zero2": ("trainer ZeRO-2 (2 proc)", [], ZERO / "zero2.yaml"),
-    "zero3": ("trainer ZeRO-3 (2 proc)", [], ZERO / "zero3.yaml"),
+    "plain": ("plain loop", [FP32], None),
+    "padded": ("trainer (padded)", [FP32], None),
+    "packing": ("trainer (packing)", ["optim.packing=true", FP32], None),
+    "checkpointing": ("trainer (grad checkpointing)", ["model.gradient_checkpointing=true", FP32], None),
+    "lora": ("trainer LoRA", ["model.lora.enabled=true", FP32], None),
+    "zero2": ("trainer ZeRO-2 (2 proc)", [FP32], ZERO / "zero2.yaml"),
+    "zero3": ("trainer ZeRO-3 (2 proc)", [FP32], ZERO / "zero3.yaml"),
+    # mixed precision (bf16 autocast over float32 masters; DeepSpeed: its bf16 mode): worth it with AVX512_BF16/AMX
+    "padded_bf16": ("trainer bf16 (padded)", ["model.dtype=bfloat16"], None),
+    "packing_bf16": ("trainer bf16 (packing)", ["optim.packing=true", "model.dtype=bfloat16"], None),
+    "zero2_bf16": ("trainer bf16 ZeRO-2 (2 proc)", ["model.dtype=bfloat16"], ZERO / "zero2.yaml"),
 }
+FP32_ROW = {"padded_bf16": "padded", "packing_bf16": "packing", "zero2_bf16": "zero2"}  # for the bf16 / fp32 ratio
 
 
 def recipe(args, overrides=()):
@@ -60,11 +66,11 @@ def sample_batch(args, config):
 
     path, g = resolve_model_path(config.model.name_or_path), args.samples
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=config.model.dtype).eval()
+    model = load_model(path, dtype="float32").eval()  # the same batch for every row: sampled in fp32
     rows = load_task_rows(config.data)[0][: args.prompts]
     prompts = [encode_prompt(tokenizer, row["question"], config.data.template) for row in rows]
     engine = build_engine(config.rollout, model=model, tokenizer=tokenizer, model_path=path,
-                          model_dtype=config.model.dtype, seed=args.seed)
+                          model_dtype="float32", seed=args.seed)
     params = SamplingParams(n=g, temperature=config.rollout.temperature, seed=args.seed)
     with torch.no_grad():
         out = engine.generate(prompts, params, [args.max_new_tokens] * len(prompts))
@@ -137,7 +143,7 @@ def plain_setup(args, config, saved):
     """A hand-written loop: right-padded prompt+completion, full forward, -(A * logp) token mean, AdamW."""
     from reasonrl.models import load_model, resolve_model_path
 
-    model = load_model(resolve_model_path(config.model.name_or_path), dtype=config.model.dtype).train()
+    model = load_model(resolve_model_path(config.model.name_or_path), dtype="float32").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     batch, adv, pad = saved["batch"], saved["advantages"], saved["pad_id"]
     rows = [list(p) + batch.completion_ids[i][batch.completion_mask[i]].tolist() for i, p in enumerate(batch.prompt_ids)]
@@ -165,23 +171,18 @@ def plain_setup(args, config, saved):
 def trainer_setup(args, config, saved):
     """The trainer's model set-up (as GRPOTrainer.__init__) and one `train_on_batch` call per step on this rank's
     share of the rows."""
-    from reasonrl.models import load_model, resolve_model_path
-    from reasonrl.trainers import lora
+    from reasonrl.models import load_policy, resolve_model_path
+    from reasonrl.precision import resolve_precision
     from reasonrl.trainers.distributed import build_accelerator, configure_deepspeed, zero_stage
     from reasonrl.trainers.optimization import build_optimizer, build_scheduler
     from reasonrl.trainers.step import train_on_batch
 
     acc = build_accelerator(config.trainer.collective_timeout_s)
-    model = load_model(resolve_model_path(config.model.name_or_path), dtype=config.model.dtype,
-                       attn_implementation=config.model.attn_implementation)
-    if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-    if config.model.lora.enabled:
-        model = lora.apply_lora(model, config.model.lora)
+    precision = resolve_precision(config.model.dtype, acc.device)
+    model = load_policy(resolve_model_path(config.model.name_or_path), config.model, compute_dtype=precision.dtype)
     optimizer = build_optimizer(model, config.optim)
     if zero_stage(acc) is not None:
-        configure_deepspeed(acc, max_grad_norm=config.optim.max_grad_norm)
+        configure_deepspeed(acc, max_grad_norm=config.optim.max_grad_norm, bf16=precision.mixed)
     model, optimizer = acc.prepare(model, optimizer)
     n = saved["batch"].num_rows
     scheduler = build_scheduler(optimizer, config.optim, total_steps=args.steps + 1, sequences_per_step=n)
@@ -198,6 +199,9 @@ def trainer_setup(args, config, saved):
 
 
 def worker(args) -> None:
+    from reasonrl.malloc_tuning import tune_malloc
+
+    tune_malloc()  # as the trainer's entry point does
     torch.set_num_threads(args.threads)
     label, overrides, _ = CONFIGS[args.worker]
     saved = load_batch(Path(args.out) / "batch.pt")
@@ -266,6 +270,11 @@ def print_table(args, saved, results: dict) -> dict:
           "tokens/s counts every row's prompt + completion tokens, whatever a configuration skips or shares.")
     if "padded" in ratios:
         print(f"trainer (padded) / plain loop: {ratios['padded']:.0%} (target >= 90%)")
+    for bf16, fp32 in FP32_ROW.items():
+        if "tokens_per_s" in results.get(bf16, {}) and "tokens_per_s" in results.get(fp32, {}):
+            ratio = results[bf16]["tokens_per_s"] / results[fp32]["tokens_per_s"]
+            ratios[f"{bf16}/{fp32}"] = ratio
+            print(f"{results[bf16]['label']} / {results[fp32]['label']}: {ratio:.2f}x (target >= 2.5x with fast bf16)")
     return ratios
 
 
@@ -290,6 +299,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
     saved = cached_batch(args)
+    from reasonrl.precision import cpu_isa_flags, resolve_precision
+
+    isa = {k: v for k, v in cpu_isa_flags().items() if k in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16")}
+    print(f"CPU ISA (torch): {isa}; model.dtype=auto here: {resolve_precision('auto').describe()}", flush=True)
     results = {name: run_config(args, name) for name in names}
     ratios = print_table(args, saved, results)
     if args.json:

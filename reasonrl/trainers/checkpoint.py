@@ -29,6 +29,7 @@ STEP_PREFIX = "step-"
 FORMAT = 2  # 1: the pickled trainer_state.pt / rng_rank{r}.pt of earlier versions
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MASTERS_FILE = "master_weights.safetensors"  # DeepSpeed bf16 mode: the float32 masters, by trainable index
 LEGACY_STATE_FILE = "trainer_state.pt"
 
 
@@ -80,14 +81,21 @@ def write_rank_files(stage: Path, rank: int) -> None:
     (stage / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
 
 
-def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> None:
+def write_main_files(stage: Path, *, model, tokenizer, trainer_state: dict, state_dict: dict | None = None,
+                     masters: list | None = None) -> None:
     """Main process only: the HF model folder (a LoRA policy: its adapter folder only) and the trainer state, whose
-    "optimizer" entry (a torch optimizer state dict) goes to optimizer.safetensors and the rest to JSON."""
+    "optimizer" entry (a torch optimizer state dict) goes to optimizer.safetensors and the rest to JSON.
+
+    state_dict: the weights to write instead of the module's (gathered ZeRO-3 weights; DeepSpeed bf16 mode: the
+    float32 masters by name, so the exported model is not rounded). masters: the float32 masters by trainable index
+    (DeepSpeed bf16 mode), for `load_masters`."""
     from reasonrl.trainers import lora
 
+    if masters is not None:
+        save_file({str(i): t.contiguous() for i, t in enumerate(masters)}, stage / MASTERS_FILE)
     if lora.is_lora_model(model):
         folder = stage / lora.ADAPTER_DIR
-        lora.save_adapters(model, folder)
+        lora.save_adapters(model, folder, state_dict=state_dict)
     else:
         folder = stage / "model"
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)  # state_dict: gathered ZeRO-3
@@ -151,6 +159,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return named
     complete = [p for p in list_checkpoints(output_dir) if _is_complete(p)]
     return complete[-1] if complete else None
+
+
+def load_masters(ckpt: Path) -> list | None:
+    """The float32 master weights a DeepSpeed bf16 run saved (by trainable index), or None."""
+    path = ckpt / MASTERS_FILE
+    if not path.is_file():
+        return None
+    tensors = load_file(path)
+    return [tensors[str(i)] for i in range(len(tensors))]
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -59,18 +59,35 @@ class LaunchConfigError(ValueError):
     """The DeepSpeed config contradicts the recipe."""
 
 
-def configure_deepspeed(acc, *, max_grad_norm: float) -> None:
+def check_launch_precision(acc) -> None:
+    """accelerate's own mixed precision (`accelerate launch --mixed_precision`, `mixed_precision:` in a launch
+    config) is refused: the recipe's model.dtype decides, so that one key says what a run computes in."""
+    if acc.mixed_precision != "no":
+        raise LaunchConfigError(f"the launch sets mixed_precision={acc.mixed_precision}: set model.dtype in the recipe "
+                                "instead (auto, bfloat16 or float32) and launch with mixed_precision: no")
+
+
+def configure_deepspeed(acc, *, max_grad_norm: float, bf16: bool = False) -> None:
     """Fill the DeepSpeed config's open values from the recipe before `accelerate.prepare`.
 
     The trainer forms micro-batches itself (one `engine.backward` each, the step at the last), so DeepSpeed sees a
     micro-batch of 1 and no accumulation of its own; clipping is `optim.max_grad_norm`. An optimizer or scheduler
-    section in the DeepSpeed config is refused: the recipe owns them.
+    section in the DeepSpeed config is refused: the recipe owns them. `bf16` (model.dtype resolved to bfloat16)
+    turns on DeepSpeed's bf16 mode: bf16 copies of the weights compute, the optimizer steps float32 master weights
+    (`master_weights`); a DeepSpeed config that enables a precision the recipe did not resolve to is refused.
     """
     cfg = acc.state.deepspeed_plugin.deepspeed_config
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise LaunchConfigError(f"the DeepSpeed config has a '{section}' section: remove it, the recipe's optim.* "
                                     "keys define the optimizer and the learning-rate schedule")
+    for section, wanted in (("fp16", False), ("bf16", bf16)):
+        enabled = cfg.get(section, {}).get("enabled", "auto")  # accelerate writes False from mixed_precision: no
+        if enabled is True and not wanted:
+            raise LaunchConfigError(f"the DeepSpeed config sets {section}.enabled={enabled}, but the recipe's "
+                                    f"model.dtype resolved to {'bfloat16' if bf16 else 'float32'}: remove the "
+                                    f"'{section}' section (model.dtype decides the precision)")
+        cfg[section] = {**cfg.get(section, {}), "enabled": wanted}
     clip = cfg.get("gradient_clipping", "auto")
     if clip not in ("auto", None) and float(clip) != float(max_grad_norm):
         raise LaunchConfigError(f"the DeepSpeed config sets gradient_clipping={clip} but optim.max_grad_norm="
@@ -182,6 +199,35 @@ def is_peer_failure(err: BaseException) -> bool:
     text = str(err)
     return (type(err) is RuntimeError and _GLOO_TRANSPORT.match(text) is not None
             and any(mark in text.lower() for mark in _GLOO_PEER_LOST))
+
+
+# ------------------------------------------------------------------------------ bf16 master weights (DeepSpeed)
+def master_weights(params: list, stage: int | None) -> list[torch.Tensor]:
+    """The float32 values the optimizer steps, one full tensor per parameter of `params` (in order). Under
+    DeepSpeed's bf16 mode the module holds bf16 copies and these live in the optimizer's partitions (gathered here:
+    every rank must call); otherwise they are the parameters themselves."""
+    if stage is None:
+        return [p.detach().float().cpu() for p in params]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = [safe_get_full_fp32_param(p) for p in params]  # None: a parameter DeepSpeed keeps no fp32 copy of
+    return [(f if f is not None else p.detach()).reshape(_full_shape(p)).float().cpu() for p, f in zip(params, full)]
+
+
+def load_master_weights(params: list, stage: int | None, values: list[torch.Tensor]) -> None:
+    """Sets the float32 masters of `params` (DeepSpeed bf16 mode: the optimizer's partitions, and the bf16 copies
+    from them; otherwise the parameters). Every rank must call."""
+    if len(values) != len(params):
+        raise ValueError(f"{len(values)} saved master weights for {len(params)} trainable parameters")
+    if stage is None or not any(p.dtype == torch.bfloat16 for p in params):
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value.reshape(p.shape))
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p, value in zip(params, values):
+        safe_set_full_fp32_param(p, value.reshape(-1).to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------- optimizer state

@@ -25,18 +25,22 @@ from omegaconf import OmegaConf
 from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
 from reasonrl.data.tasks import load_task_rows
 from reasonrl.malloc_tuning import tune_malloc
-from reasonrl.models import load_model, load_tokenizer, resolve_model_path
+from reasonrl.models import load_model, load_policy, load_tokenizer, resolve_model_path
+from reasonrl.precision import autocast_forward, resolve_precision
 from reasonrl.rewards.math import take_grader_errors
 from reasonrl.rollout.factory import build_engine
 from reasonrl.trainers import checkpoint as ckpt
 from reasonrl.trainers import lora
 from reasonrl.trainers.distributed import (
     build_accelerator,
+    check_launch_precision,
     configure_deepspeed,
     fingerprint,
     is_peer_failure,
     leave_process_group,
+    load_master_weights,
     load_portable_optimizer_state,
+    master_weights,
     portable_optimizer_state,
     sharded_inference_engine,
     zero_stage,
@@ -60,6 +64,11 @@ class GRPOTrainer:
         self.acc = accelerator or build_accelerator(config.trainer.collective_timeout_s)
         self.zero = zero_stage(self.acc)  # DeepSpeed ZeRO stage, None without DeepSpeed
         validate(config, self.acc.num_processes)
+        check_launch_precision(self.acc)
+        self.precision = resolve_precision(config.model.dtype, self.acc.device)
+        config.model.dtype = self.precision.dtype  # every reader (engines, tolerances) sees what runs
+        if self.acc.is_main_process:
+            print(self.precision.describe(), flush=True)
         # sequence parallelism: groups of ranks share rows; `self.dp` is the accelerator as the data sees it
         self.sp = build_sequence_parallel(self.acc.num_processes, self.acc.process_index, config.model.sparse_attention)
         if self.sp is not None and self.zero == 3:
@@ -79,7 +88,7 @@ class GRPOTrainer:
         self._prepare_training(policy_path)
         self.engine = build_engine(
             config.rollout, model=self.policy, tokenizer=self.tokenizer, model_path=policy_path,
-            model_dtype=config.model.dtype, seed=config.trainer.seed,
+            model_dtype=self.precision.dtype, seed=config.trainer.seed,
         )
         if self.zero == 3 and hasattr(self.engine, "synced_gpus"):
             self.engine.synced_gpus = True
@@ -116,8 +125,8 @@ class GRPOTrainer:
         config, lora_on = self.config, self.config.model.lora.enabled
         model, self.ref_model = self._load_models(policy_path)
         optimizer = build_optimizer(model, config.optim)
-        if self.zero is not None:
-            configure_deepspeed(self.acc, max_grad_norm=config.optim.max_grad_norm)
+        if self.zero is not None:  # bf16: DeepSpeed's bf16 mode (bf16 weight copies, float32 masters in the optimizer)
+            configure_deepspeed(self.acc, max_grad_norm=config.optim.max_grad_norm, bf16=self.precision.mixed)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scheduler = build_scheduler(  # not prepared: see build_scheduler
             optimizer, config.optim, total_steps=config.trainer.steps,
@@ -133,23 +142,20 @@ class GRPOTrainer:
     def _load_models(self, policy_path: str):
         """(policy, KL reference or None), before accelerate.prepare. LoRA: only the adapters train (a resumed
         run puts its saved adapters on the base model) and the reference is the policy with its adapters off."""
-        cfg = self.config.model
-        attention = {"attn_implementation": cfg.attn_implementation,
-                     "sparse_attention": dataclasses.asdict(cfg.sparse_attention)}
-        model = load_model(policy_path, dtype=cfg.dtype, **attention)
-        if cfg.gradient_checkpointing:  # active in train mode only (see policy.completion_logprobs)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()  # (from_pretrained returns eval mode; the engines switch to eval mode to generate)
-        if cfg.lora.enabled:
-            model = lora.apply_lora(model, cfg.lora)
-            if self.resume_from:
-                lora.load_adapters(model, self.resume_from / lora.ADAPTER_DIR)
+        cfg, dtype = self.config.model, self.precision.dtype
+        model = load_policy(policy_path, cfg, compute_dtype=dtype)  # float32 masters, `dtype` autocast
+        if cfg.lora.enabled and self.resume_from:
+            lora.load_adapters(model, self.resume_from / lora.ADAPTER_DIR)
         if self.config.algorithm.kl_coef == 0:
             return model, None
         if cfg.lora.enabled:
             return model, lora.DisabledAdapterReference(model)
-        ref_model = load_model(self.model_path, dtype=cfg.dtype, **attention)
+        ref_model = autocast_forward(load_model(
+            self.model_path, dtype="float32", attn_implementation=cfg.attn_implementation,
+            sparse_attention=dataclasses.asdict(cfg.sparse_attention)), dtype)  # computes as the policy does
         ref_model.eval().requires_grad_(False)
+        if self.zero in (1, 2) and self.precision.mixed:  # the policy computes with DeepSpeed's bf16 copies
+            ref_model.to(torch.bfloat16)
         return model, ref_model.to(self.acc.device)
 
     # ---------------------------------------------------------------------------------------------- one step
@@ -260,7 +266,13 @@ class GRPOTrainer:
             save_results(stage, acc.process_index, self.ahead.finished_results(), num_processes=acc.num_processes)
         # one layout-free optimizer state (gathered from the ZeRO shards), so any process count can resume it
         optimizer_state = portable_optimizer_state(self.optimizer, self._trainable(), self.zero)
-        state_dict = acc.get_state_dict(self.model) if self.zero == 3 else None  # gathered by DeepSpeed
+        masters = state_dict = None
+        if self.zero is not None and self.precision.mixed:  # the module holds bf16 copies: save the fp32 masters
+            masters = master_weights(self._trainable(), self.zero)
+            names = [name for name, p in self.policy.named_parameters() if p.requires_grad]
+            state_dict = dict(zip(names, masters))
+        elif self.zero == 3:
+            state_dict = acc.get_state_dict(self.model)  # gathered by DeepSpeed
         if acc.is_main_process:
             state = {
                 "step": self.step, "prompts_seen": self.step * self.config.rollout.prompts_per_step,
@@ -269,15 +281,27 @@ class GRPOTrainer:
                 **self.producer.state_dict(),  # HAPO sampling statistics, shaper trackers
             }
             ckpt.write_main_files(stage, model=self.policy, tokenizer=self.tokenizer, trainer_state=state,
-                                  state_dict=state_dict)
+                                  state_dict=state_dict, masters=masters)
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.publish(self.out_dir, self.step, self.config.trainer.keep_last)
         acc.wait_for_everyone()
 
+    def _restore_masters(self, path: Path) -> None:
+        """DeepSpeed bf16 mode made its float32 masters from the bf16 copies of the loaded weights: put back the
+        saved masters (a checkpoint of another precision or layout has none: the masters stay as made)."""
+        masters = ckpt.load_masters(path)
+        if masters is not None:
+            load_master_weights(self._trainable(), self.zero, masters)
+        elif self.acc.is_main_process:
+            print(f"warning: {path} has no {ckpt.MASTERS_FILE} (saved by another layout or precision): the float32 "
+                  "master weights start from the loaded weights rounded to bf16", flush=True)
+
     def _restore(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
         load_portable_optimizer_state(self.optimizer, self._trainable(), self.zero, state["optimizer"])
+        if self.zero is not None and self.precision.mixed:
+            self._restore_masters(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])

@@ -107,9 +107,10 @@ class DisabledAdapterReference:
             self.model.train(was_training)
 
 
-def save_adapters(model, path: str | Path) -> None:
-    """Write the adapters only (adapter_config.json, adapter_model.safetensors) into `path`."""
-    getattr(model, "module", model).save_pretrained(str(path), safe_serialization=True)
+def save_adapters(model, path: str | Path, state_dict: dict | None = None) -> None:
+    """Write the adapters only (adapter_config.json, adapter_model.safetensors) into `path`; `state_dict` (names as
+    the model's own) replaces the module's values (DeepSpeed bf16 mode: the float32 masters)."""
+    getattr(model, "module", model).save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
 
 
 def load_adapters(model, path: str | Path) -> None:

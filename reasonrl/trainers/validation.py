@@ -35,6 +35,9 @@ def validate(config: RecipeConfig, world_size: int) -> None:
         raise ConfigError(f"rollout.is_floor={r.is_floor} is used by rollout.is_mode=mask or seq_mask only (is_mode="
                           f"{r.is_mode} truncates at rollout.is_cap): set is_mode=mask, seq_mask or is_floor=0")
     validate_async(config)
+    if config.model.dtype == "float16":
+        raise ConfigError("model.dtype=float16: fp16 training needs loss scaling, which reasonrl does not do; use "
+                          "bfloat16 (bf16 autocast over float32 master weights), auto or float32")
     if not config.rewards:
         raise ConfigError("rewards: at least one reward function is needed")
     build_reward_shapers(config)  # unknown shapers or arguments fail here, before any model is loaded

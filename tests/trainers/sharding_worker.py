@@ -4,23 +4,28 @@ with (one process, DDP, DeepSpeed ZeRO-2/3, two machines); the equivalence test 
 Each step's global batch and advantages depend on the step only; every rank takes its share of the rows, as the
 trainer does. It also saves the layout-free optimizer state, and can start from a model folder and optimizer state
 written by another layout (as a resumed run does).
-Usage: sharding_worker.py MODEL_DIR OUT.pt STEPS [FIRST_STEP OPTIMIZER_STATE.pt]
+Usage: sharding_worker.py MODEL_DIR OUT.pt STEPS [FIRST_STEP OPTIMIZER_STATE.pt [MASTERS.pt]]
+SHARDING_DTYPE=bfloat16 trains in mixed precision (bf16 autocast; under DeepSpeed its bf16 mode), as the trainer does
+for model.dtype=bfloat16; MASTERS.pt holds float32 master weights to resume from (by trainable index).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 from reasonrl.batch import RolloutBatch
-from reasonrl.config import AlgorithmConfig, OptimConfig
-from reasonrl.models import load_model
+from reasonrl.config import AlgorithmConfig, ModelConfig, OptimConfig
+from reasonrl.models import load_policy
 from reasonrl.trainers.distributed import (
     build_accelerator,
     configure_deepspeed,
     full_named_parameters,
+    load_master_weights,
     load_portable_optimizer_state,
+    master_weights,
     portable_optimizer_state,
     zero_stage,
 )
@@ -47,14 +52,16 @@ def algorithm() -> AlgorithmConfig:
     return AlgorithmConfig(num_iterations=2, loss_agg="token_mean")  # two optimizer steps per batch, PPO ratio
 
 
-def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | None = None) -> tuple[object, dict]:
+def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | None = None,
+        masters: str | None = None) -> tuple[object, dict]:
     acc = build_accelerator(120.0)
     zero = zero_stage(acc)
     optim = OptimConfig(lr=3e-3, micro_batch_size=1, max_grad_norm=0.5)  # clipping active: norms are > 0.5
-    model = load_model(model_dir, dtype="float32")  # under ZeRO-3 (zero3_init_flag) it loads already sharded
+    dtype = os.environ.get("SHARDING_DTYPE", "float32")
+    model = load_policy(model_dir, ModelConfig(), compute_dtype=dtype)  # under ZeRO-3 it loads already sharded
     optimizer = build_optimizer(model, optim)
     if zero is not None:
-        configure_deepspeed(acc, max_grad_norm=optim.max_grad_norm)
+        configure_deepspeed(acc, max_grad_norm=optim.max_grad_norm, bf16=dtype == "bfloat16")
     if zero == 3:  # release every parameter after use (by default DeepSpeed keeps small ones, i.e. all of this model)
         acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     model, optimizer = acc.prepare(model, optimizer)
@@ -63,6 +70,8 @@ def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | 
     trainable = [p for p in core.parameters() if p.requires_grad]
     if optimizer_state not in (None, "none"):
         load_portable_optimizer_state(optimizer, trainable, zero, torch.load(optimizer_state, weights_only=False))
+    if masters:
+        load_master_weights(trainable, zero, torch.load(masters, weights_only=False))
     per_rank = ROWS // acc.num_processes
     mine = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
     losses, grad_norms = [], []
@@ -80,13 +89,14 @@ def run(model_dir: str, steps: int, first_step: int = 0, optimizer_state: str | 
         most_materialized = max(most_materialized, sum(p.data.numel() * p.element_size() for p in core.parameters()))
     result = {"losses": losses, "grad_norms": grad_norms, "params": params, "num_processes": acc.num_processes,
               "zero_stage": zero, "optimizer": portable_optimizer_state(optimizer, trainable, zero),
+              "masters": master_weights(trainable, zero), "param_dtype": str(trainable[0].dtype),
               "most_materialized_bytes": most_materialized,
               "model_bytes": sum(v.numel() * v.element_size() for v in params.values())}
     return acc, result
 
 
 if __name__ == "__main__":
-    accelerator, out = run(sys.argv[1], int(sys.argv[3]), *([int(sys.argv[4]), sys.argv[5]] if len(sys.argv) > 4 else []))
+    accelerator, out = run(sys.argv[1], int(sys.argv[3]), *([int(sys.argv[4]), *sys.argv[5:7]] if len(sys.argv) > 4 else []))
     if accelerator.is_main_process:
         torch.save(out, sys.argv[2])
     accelerator.wait_for_everyone()

@@ -10,6 +10,7 @@ from reasonrl.rollout.server_engine import ServerUnavailableError
 from reasonrl.trainers.distributed import (
     LaunchConfigError,
     _buckets,
+    check_launch_precision,
     configure_deepspeed,
     full_named_parameters,
     is_peer_failure,
@@ -45,6 +46,29 @@ def test_configure_deepspeed_fills_the_open_values_from_the_recipe():
 def test_configure_deepspeed_refuses_what_the_recipe_owns(cfg, key):
     with pytest.raises(LaunchConfigError, match=key):
         configure_deepspeed(_Acc(cfg), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_configure_deepspeed_sets_the_precision_the_recipe_resolved_to(bf16):
+    cfg = {"bf16": {"enabled": False}}  # what accelerate writes for mixed_precision: no
+    configure_deepspeed(_Acc(cfg), max_grad_norm=1.0, bf16=bf16)
+    assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("cfg, bf16, key", [
+    ({"bf16": {"enabled": True}}, False, "bf16.enabled=True"),
+    ({"fp16": {"enabled": True}}, True, "fp16.enabled=True"),
+    ({"fp16": {"enabled": True}}, False, "fp16.enabled=True"),
+])
+def test_configure_deepspeed_refuses_a_precision_that_contradicts_the_recipe(cfg, bf16, key):
+    with pytest.raises(LaunchConfigError, match=key):
+        configure_deepspeed(_Acc(cfg), max_grad_norm=1.0, bf16=bf16)
+
+
+def test_accelerates_own_mixed_precision_is_refused():
+    check_launch_precision(type("A", (), {"mixed_precision": "no"})())
+    with pytest.raises(LaunchConfigError, match="mixed_precision=bf16.*model.dtype"):
+        check_launch_precision(type("A", (), {"mixed_precision": "bf16"})())
 
 
 def test_buckets_respect_the_byte_budget_and_keep_order():

@@ -47,11 +47,32 @@ def test_vllm_engine_trains_with_a_checked_sync_every_step(vllm_module, vllm_tin
     assert "eval/accuracy" in rows[-1]  # the final eval generated with the vLLM engine too
 
 
-def test_the_probe_catches_a_sync_that_did_nothing(vllm_module, vllm_tiny_model_dir, tmp_path, monkeypatch):
+def test_bf16_engine_trains_with_checked_syncs_and_logs_the_mismatch_each_step(vllm_module, vllm_tiny_model_dir,
+                                                                                tmp_path):
+    """model.dtype=bfloat16: the engine generates in bf16 from pushes cast from the float32 masters; the probe holds
+    at the bf16 tolerance and the engine/trainer log-prob mismatch is logged every step (the IS correction's)."""
+    overrides = vllm_overrides(vllm_tiny_model_dir, tmp_path, 2, **{"model.dtype": "bfloat16"})
+    assert grpo.main(overrides) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward/mean" in r]
+    assert len(train_rows) == 2
+    for row in train_rows:
+        assert row["sync/prob_gap_max"] < 0.05  # the bf16 default tolerance (sync_check.DEFAULT_TOLERANCE)
+        assert row["sync/prob_gap_mean"] < 0.005  # well below what a stale engine shows (the probe test below)
+        assert 0 < row["sampling/logp_diff_mean"] <= row["sampling/logp_diff_max"] < 0.5  # bf16 vs bf16, 2 paths
+
+
+# bf16: the random tiny model spreads its probability thinly, so one step at lr 0.05 moves the probed tokens'
+# probabilities by 0.017 on average (0.81 nats in log-prob): under the bf16 default tolerance (0.05, set for real
+# models), above the 0.01 the bf16 case sets here and above the honest bf16 gap of the test above
+@pytest.mark.parametrize("dtype, tolerance", [("float32", None), ("bfloat16", 0.01)])
+def test_the_probe_catches_a_sync_that_did_nothing(vllm_module, vllm_tiny_model_dir, tmp_path, monkeypatch, dtype,
+                                                   tolerance):
     from reasonrl.rollout.vllm_engine import VLLMEngine
 
     monkeypatch.setattr(VLLMEngine, "load_weights", lambda self, named_tensors: None)
-    config = load_config(None, vllm_overrides(vllm_tiny_model_dir, tmp_path, 1, **{"optim.lr": 0.05}))
+    extra = {"optim.lr": 0.05, "model.dtype": dtype, **({"rollout.sync_check_tol": tolerance} if tolerance else {})}
+    config = load_config(None, vllm_overrides(vllm_tiny_model_dir, tmp_path, 1, **extra))
     trainer = grpo.GRPOTrainer(config)
     try:
         before = [p.detach().clone() for p in trainer.policy.parameters()]

@@ -120,3 +120,51 @@ def test_optimizer_state_resumes_under_another_layout(tiny_model_dir, tmp_path, 
         assert float(resumed["optimizer"]["state"][i]["step"]) == float(entry["step"]) == 6.0
         torch.testing.assert_close(resumed["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4,
                                    atol=1e-7)
+
+
+def test_zero2_bf16_trains_like_one_process_mixed_precision_and_resumes_its_float32_masters(tiny_model_dir, tmp_path):
+    """DeepSpeed's bf16 mode on 2 processes (bf16 weight copies, float32 masters in the optimizer) against 1 process
+    of bf16 autocast over float32 weights: the same training within bf16 rounding (the two compute the residual
+    stream in bf16 and float32). Its module weights are its masters rounded to bf16, and a resume that puts the saved
+    masters back continues exactly as the uninterrupted run, where one from the bf16 weights alone does not."""
+    bf16 = {**ENV, "SHARDING_DTYPE": "bfloat16"}
+    out = lambda name: str(tmp_path / f"{name}.pt")
+
+    def launch(args, layout="zero2"):
+        cmd = [*LAUNCH, "--config_file", f"recipes/accelerate/{layout}.yaml", "--num_processes", "2", WORKER, *args]
+        _check(subprocess.run(cmd, check=False, cwd=REPO, env=bf16, capture_output=True, text=True, timeout=600),
+               f"{layout} bf16")
+
+    _check(subprocess.run([sys.executable, WORKER, tiny_model_dir, out("one"), "3"], check=False, cwd=REPO, env=bf16,
+                          capture_output=True, text=True, timeout=600), "1 process bf16")
+    launch([tiny_model_dir, out("zero2"), "3"])
+    one, zero2 = (torch.load(out(n), weights_only=False) for n in ("one", "zero2"))
+    assert one["param_dtype"] == "torch.float32" and zero2["param_dtype"] == "torch.bfloat16"
+    assert zero2["zero_stage"] == 2 and all(m.dtype == torch.float32 for m in zero2["masters"])
+    for (name, weight), master in zip(zero2["params"].items(), zero2["masters"]):
+        assert torch.equal(weight, master.reshape(weight.shape).to(torch.bfloat16)), name
+    torch.testing.assert_close(torch.tensor(zero2["losses"]), torch.tensor(one["losses"]), rtol=0.02, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(zero2["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=0.02, atol=0)
+    from transformers import AutoModelForCausalLM
+
+    initial = torch.cat([p.detach().reshape(-1) for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()])
+    ours, theirs = torch.cat([m.reshape(-1) for m in zero2["masters"]]), torch.cat([m.reshape(-1) for m in one["masters"]])
+    assert torch.linalg.vector_norm(ours - theirs) < 0.1 * torch.linalg.vector_norm(theirs - initial)
+
+    # 2 steps, save (masters, optimizer, the model from the masters), resume the 3rd step
+    launch([tiny_model_dir, out("two"), "2"])
+    two = torch.load(out("two"), weights_only=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = [n for n, _ in model.named_parameters()]
+    model.load_state_dict(dict(zip(names, (m.reshape(p.shape) for m, p in zip(two["masters"], model.parameters())))),
+                          strict=False)
+    model.save_pretrained(tmp_path / "after2")
+    torch.save(two["optimizer"], tmp_path / "optimizer2.pt")
+    torch.save(two["masters"], tmp_path / "masters2.pt")
+    launch([str(tmp_path / "after2"), out("resumed"), "3", "2", str(tmp_path / "optimizer2.pt"),
+            str(tmp_path / "masters2.pt")])
+    launch([str(tmp_path / "after2"), out("rounded"), "3", "2", str(tmp_path / "optimizer2.pt")])
+    resumed, rounded = (torch.load(out(n), weights_only=False) for n in ("resumed", "rounded"))
+    for got, want in zip(resumed["masters"], zero2["masters"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert max((got - want).abs().max().item() for got, want in zip(rounded["masters"], zero2["masters"])) > 1e-5
