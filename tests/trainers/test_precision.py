@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from sharding_worker import PAD, algorithm, step_inputs
 
-from reasonrl.config import AlgorithmConfig, ModelConfig, OptimConfig
+from reasonrl.config import AlgorithmConfig, LoraConfig, ModelConfig, OptimConfig, SparseAttentionSettings
 from reasonrl.models import load_model, load_policy
 from reasonrl.precision import Precision, autocast_forward, choose_dtype
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
@@ -61,9 +61,9 @@ def test_the_machines_own_flags_come_from_torch():
 
 
 # ------------------------------------------------------------------------------------------- autocast forward
-def _policy(model_dir: str, dtype: str):
+def _policy(model_dir: str, dtype: str, model_cfg: ModelConfig | None = None):
     torch.manual_seed(0)
-    return load_policy(model_dir, ModelConfig(), compute_dtype=dtype)
+    return load_policy(model_dir, model_cfg or ModelConfig(), compute_dtype=dtype)
 
 
 def test_autocast_computes_in_bf16_and_keeps_float32_weights_and_gradients(tiny_model_dir):
@@ -107,10 +107,10 @@ def test_generation_runs_under_the_same_autocast(tiny_model_dir):
 
 
 # -------------------------------------------------------------------------- training: bf16 against float32
-def _train(model, steps: int, *, lr: float, algo: AlgorithmConfig) -> dict:
+def _train(model, steps: int, *, lr: float, algo: AlgorithmConfig, packing: bool = False) -> dict:
     """`steps` train_on_batch calls (AdamW, the trainer's optimizer) on the sharding test's fixed batches."""
     acc = Accelerator(cpu=True)
-    optim = OptimConfig(lr=lr, micro_batch_size=3, max_grad_norm=1e9)
+    optim = OptimConfig(lr=lr, micro_batch_size=3, max_grad_norm=1e9, packing=packing)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, total_steps=steps, sequences_per_step=8)
     trace = {"grad_norm": [], "entropy": [], "params": []}
@@ -125,9 +125,24 @@ def _train(model, steps: int, *, lr: float, algo: AlgorithmConfig) -> dict:
     return trace
 
 
-def test_one_step_gradients_and_update_match_float32(tiny_model_dir):
-    initial = torch.cat([p.detach().reshape(-1).clone() for p in _policy(tiny_model_dir, "float32").parameters()])
-    runs = {dtype: _train(_policy(tiny_model_dir, dtype), 1, lr=1e-3, algo=algorithm())
+VARIANTS = {  # the model / forward options mixed precision must work with
+    "plain": (ModelConfig(), False),
+    "lora": (ModelConfig(lora=LoraConfig(enabled=True, r=4, alpha=8)), False),
+    "gradient_checkpointing": (ModelConfig(gradient_checkpointing=True), False),
+    "packing": (ModelConfig(), True),
+    "sparse_attention": (ModelConfig(attn_implementation="reasonrl_sparse",
+                                     sparse_attention=SparseAttentionSettings(
+                                         dense_below=0, vertical_size=4, slash_size=4, sink=1, local_window=2,
+                                         last_q=4)), False),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_one_step_gradients_and_update_match_float32(tiny_model_dir, variant):
+    model_cfg, packing = VARIANTS[variant]
+    initial = torch.cat([p.detach().reshape(-1).clone()
+                         for p in _policy(tiny_model_dir, "float32", model_cfg).parameters()])
+    runs = {dtype: _train(_policy(tiny_model_dir, dtype, model_cfg), 1, lr=1e-3, algo=algorithm(), packing=packing)
             for dtype in ("float32", "bfloat16")}
     fp32, bf16 = runs["float32"], runs["bfloat16"]
     assert bf16["grad_norm"][0] == pytest.approx(fp32["grad_norm"][0], rel=0.03)
