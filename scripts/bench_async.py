@@ -19,7 +19,7 @@ has no disabled mode):
 Pinning: the server runs under `taskset -c <core 1>` with `VLLM_CPU_OMP_THREADS_BIND=<core 1>` and one OpenMP
 thread; the trainer under `taskset -c <core 0>` with OMP_NUM_THREADS=MKL_NUM_THREADS=1 (torch takes its thread count
 from them). The two cores are the first two this process may run on. Every server row starts its own
-`reasonrl serve` (fp32, a fresh weight token in a file, the recipe's KV-cache size, a free port), so every row starts
+`reasonrl serve` (in the trainer's resolved model.dtype, a fresh weight token in a file, the recipe's KV-cache size, a free port), so every row starts
 from the base weights; the server's process group is killed at the end of its row, also on error. Server start-up is
 not part of the trainer's wall time (its own column).
 
@@ -139,8 +139,9 @@ def pinned_env(base: dict, core: int, *, vllm: bool) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- server
-def start_server(folder: Path, core: int, token: str, rollout) -> tuple[subprocess.Popen, str, float]:
-    """A healthy `reasonrl serve` pinned to ``core``: ``(process, url, start-up seconds)``."""
+def start_server(folder: Path, core: int, token: str, rollout, dtype: str) -> tuple[subprocess.Popen, str, float]:
+    """A healthy `reasonrl serve` pinned to ``core``, generating in ``dtype`` (the trainer's resolved model.dtype, as
+    the in-process engine does): ``(process, url, start-up seconds)``."""
     from reasonrl.models import resolve_model_path
     from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_FILE_ENV
     from reasonrl.rollout.server_engine import ServerClient, ServerUnavailableError
@@ -157,7 +158,7 @@ def start_server(folder: Path, core: int, token: str, rollout) -> tuple[subproce
     if rollout.vllm_max_num_seqs or batch > CPU_MAX_NUM_SEQS:
         passthrough += ["--max-num-seqs", str(rollout.vllm_max_num_seqs or batch)]
     cmd = ["taskset", "-c", str(core), sys.executable, "-m", "reasonrl.cli", "serve", resolve_model_path(MODEL),
-           "--port", str(port), "--dtype", "float32", "--weight-token-file", str(token_file)]
+           "--port", str(port), "--dtype", dtype, "--weight-token-file", str(token_file)]
     cmd += ["--", *passthrough] if passthrough else []
     env = {k: v for k, v in os.environ.items() if k not in (WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_FILE_ENV, API_KEY_ENV)}
     env = pinned_env(env, core, vllm=True)
@@ -197,6 +198,7 @@ def row_overrides(args, engine: str, staleness: int, out_dir: Path, url: str | N
 
 def run_row(args, name: str, root: Path, cores: tuple[int, int]) -> dict:
     from reasonrl.config import load_config
+    from reasonrl.precision import resolve_precision
     from reasonrl.rollout.server_auth import API_KEY_ENV, WEIGHT_TOKEN_ENV, WEIGHT_TOKEN_FILE_ENV
 
     engine, staleness, pinned = ROWS[name]
@@ -212,7 +214,8 @@ def run_row(args, name: str, root: Path, cores: tuple[int, int]) -> dict:
         if engine == "server":
             token = secrets.token_hex(24)
             print(f"[{name}] starting reasonrl serve on core {server_core} ...", file=sys.stderr, flush=True)
-            server, url, server_startup = start_server(folder, server_core, token, config.rollout)
+            dtype = resolve_precision(config.model.dtype, "cpu").dtype
+            server, url, server_startup = start_server(folder, server_core, token, config.rollout, dtype)
             env[WEIGHT_TOKEN_ENV] = token
         cmd = [sys.executable, "-m", "reasonrl.cli", "train", str(RECIPE),
                *row_overrides(args, engine, staleness, out_dir, url)]
