@@ -202,16 +202,21 @@ def is_peer_failure(err: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------ bf16 master weights (DeepSpeed)
-def master_weights(params: list, stage: int | None) -> list[torch.Tensor]:
+def master_weights(params: list, stage: int | None, keep: bool = True) -> list[torch.Tensor] | None:
     """The float32 values the optimizer steps, one full tensor per parameter of `params` (in order). Under
-    DeepSpeed's bf16 mode the module holds bf16 copies and these live in the optimizer's partitions (gathered here:
-    every rank must call); otherwise they are the parameters themselves."""
+    DeepSpeed's bf16 mode the module holds bf16 copies and these live in the optimizer's partitions (gathered here,
+    one parameter at a time: every rank must call); otherwise they are the parameters themselves. keep=False (the
+    ranks that do not write the checkpoint): take part in the gathers, hold nothing, return None."""
     if stage is None:
-        return [p.detach().float().cpu() for p in params]
+        return [p.detach().float().cpu() for p in params] if keep else None
     from deepspeed.utils import safe_get_full_fp32_param
 
-    full = [safe_get_full_fp32_param(p) for p in params]  # None: a parameter DeepSpeed keeps no fp32 copy of
-    return [(f if f is not None else p.detach()).reshape(_full_shape(p)).float().cpu() for p, f in zip(params, full)]
+    kept = []
+    for p in params:
+        full = safe_get_full_fp32_param(p)  # None: a parameter DeepSpeed keeps no fp32 copy of
+        if keep:
+            kept.append((full if full is not None else p.detach()).reshape(_full_shape(p)).float().cpu())
+    return kept if keep else None
 
 
 def load_master_weights(params: list, stage: int | None, values: list[torch.Tensor]) -> None:

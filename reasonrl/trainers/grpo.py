@@ -268,9 +268,9 @@ class GRPOTrainer:
         optimizer_state = portable_optimizer_state(self.optimizer, self._trainable(), self.zero)
         masters = state_dict = None
         if self.zero is not None and self.precision.mixed:  # the module holds bf16 copies: save the fp32 masters
-            masters = master_weights(self._trainable(), self.zero)
+            masters = master_weights(self._trainable(), self.zero, keep=acc.is_main_process)  # collective
             names = [name for name, p in self.policy.named_parameters() if p.requires_grad]
-            state_dict = dict(zip(names, masters))
+            state_dict = dict(zip(names, masters)) if masters is not None else None
         elif self.zero == 3:
             state_dict = acc.get_state_dict(self.model)  # gathered by DeepSpeed
         if acc.is_main_process:

@@ -168,3 +168,36 @@ def test_zero2_bf16_trains_like_one_process_mixed_precision_and_resumes_its_floa
     for got, want in zip(resumed["masters"], zero2["masters"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert max((got - want).abs().max().item() for got, want in zip(rounded["masters"], zero2["masters"])) > 1e-5
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_the_trainer_checkpoints_and_resumes_deepspeed_bf16_with_its_float32_masters(tiny_model_dir, tmp_path, layout):
+    """model.dtype=bfloat16 under ZeRO: a checkpoint holds the float32 masters (the model folder and
+    master_weights.safetensors agree), and the resumed run finds them (no warning) and goes on to the next step."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+
+    def train(steps: int) -> str:
+        cmd = [*LAUNCH, "--config_file", f"recipes/accelerate/{layout}.yaml", "--num_processes", "2", "-m",
+               "reasonrl.trainers.grpo", "--config", "recipes/tiny_smoke.yaml", f"model.name_or_path={tiny_model_dir}",
+               "model.dtype=bfloat16", f"trainer.output_dir={out}", f"trainer.steps={steps}", "trainer.save_every=1",
+               "trainer.keep_last=2", "logging.wandb_mode=disabled"]
+        done = subprocess.run(cmd, check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        _check(done, f"{layout} bf16 trainer")
+        return done.stdout
+
+    assert "precision: bf16 autocast over float32 master weights" in train(2)
+    step2 = out / "checkpoints" / "step-000002"
+    masters = load_file(step2 / "master_weights.safetensors")
+    (model_file,) = (step2 / "model").glob("*.safetensors")
+    weights = load_file(model_file)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    from transformers import AutoModelForCausalLM
+
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()]
+    assert len(masters) == len(names)
+    for i, name in enumerate(names):
+        assert torch.equal(masters[str(i)].reshape(weights[name].shape), weights[name]), name
+    log = train(3)
+    assert "warning:" not in log and (out / "checkpoints" / "step-000003" / "master_weights.safetensors").is_file()
