@@ -132,21 +132,27 @@ def load_model(path: str, *, dtype: str = "float32", attn_implementation: str | 
     return model
 
 
-def load_policy(path: str, model_cfg, *, compute_dtype: str):
-    """The model the trainer optimizes, from a local folder or hub id: float32 weights (the optimizer's masters),
-    every forward under `compute_dtype` autocast (bf16: `precision.autocast_forward`), gradient checkpointing and
-    LoRA adapters as `model_cfg` (a ModelConfig) says."""
+def load_autocast_model(path: str, model_cfg, *, compute_dtype: str):
+    """A model as `model_cfg` (a ModelConfig) describes its attention, with float32 weights and every forward under
+    `compute_dtype` autocast (`precision.autocast_forward`): the policy's base and the KL reference."""
     from dataclasses import asdict
 
     from reasonrl.precision import autocast_forward
-    from reasonrl.trainers import lora
 
     model = load_model(path, dtype="float32", attn_implementation=model_cfg.attn_implementation,
                        sparse_attention=asdict(model_cfg.sparse_attention))
+    return autocast_forward(model, compute_dtype)
+
+
+def load_policy(path: str, model_cfg, *, compute_dtype: str):
+    """The model the trainer optimizes, from a local folder or hub id: `load_autocast_model` (float32 weights: the
+    optimizer's masters), with gradient checkpointing and LoRA adapters as `model_cfg` says."""
+    from reasonrl.trainers import lora
+
+    model = load_autocast_model(path, model_cfg, compute_dtype=compute_dtype)
     if model_cfg.gradient_checkpointing:  # active in train mode only (see policy.completion_logprobs)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # (from_pretrained returns eval mode; the engines switch to eval mode to generate)
-    autocast_forward(model, compute_dtype)
     if model_cfg.lora.enabled:
         model = lora.apply_lora(model, model_cfg.lora)
     return model

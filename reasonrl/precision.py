@@ -30,10 +30,6 @@ class Precision:
         """bf16 compute over float32 master weights."""
         return self.dtype != "float32"
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
     def describe(self) -> str:
         what = "bf16 autocast over float32 master weights" if self.mixed else "float32"
         return f"precision: {what} ({self.reason})"
@@ -91,4 +87,3 @@ def autocast_forward(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     model.forward = autocast_forward_
     model._reasonrl_autocast = dtype
     return model
-

@@ -9,7 +9,6 @@ or `reasonrl train recipes/X.yaml key=value ...`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
@@ -25,8 +24,8 @@ from omegaconf import OmegaConf
 from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
 from reasonrl.data.tasks import load_task_rows
 from reasonrl.malloc_tuning import tune_malloc
-from reasonrl.models import load_model, load_policy, load_tokenizer, resolve_model_path
-from reasonrl.precision import autocast_forward, resolve_precision
+from reasonrl.models import load_autocast_model, load_policy, load_tokenizer, resolve_model_path
+from reasonrl.precision import resolve_precision
 from reasonrl.rewards.math import take_grader_errors
 from reasonrl.rollout.factory import build_engine
 from reasonrl.trainers import checkpoint as ckpt
@@ -150,9 +149,7 @@ class GRPOTrainer:
             return model, None
         if cfg.lora.enabled:
             return model, lora.DisabledAdapterReference(model)
-        ref_model = autocast_forward(load_model(
-            self.model_path, dtype="float32", attn_implementation=cfg.attn_implementation,
-            sparse_attention=dataclasses.asdict(cfg.sparse_attention)), dtype)  # computes as the policy does
+        ref_model = load_autocast_model(self.model_path, cfg, compute_dtype=dtype)  # computes as the policy does
         ref_model.eval().requires_grad_(False)
         if self.zero in (1, 2) and self.precision.mixed:  # the policy computes with DeepSpeed's bf16 copies
             ref_model.to(torch.bfloat16)
