@@ -19,10 +19,18 @@ class RolloutBatch:
     rollout_entropy: torch.Tensor | None = None  # [N, T] entropy at T=1 of the sampling policy, when the engine has it
     ntp_mask: torch.Tensor | None = None  # bool [N, T] tokens of the next-token-prediction term (RMT dual loss)
     token_versions: torch.Tensor | None = None  # long [N, T] policy version that sampled each token (async)
+    # bool [N, T] tokens the model sampled; the others are an episode's environment tokens (tool results, feedback,
+    # the chat template's turn markers): context for the model, never trained on. None: every completion token.
+    sampled_mask: torch.Tensor | None = None
+
+    def model_mask(self) -> torch.Tensor:
+        """The model's own tokens: the completion minus environment tokens (every token-level statistic reads
+        these; completion_mask stays the model's input)."""
+        return self.completion_mask if self.sampled_mask is None else self.completion_mask & self.sampled_mask
 
     def trained_mask(self) -> torch.Tensor:
-        """Tokens whose loss counts. A subset of completion_mask, which stays the model's input (attention)."""
-        return self.completion_mask if self.loss_mask is None else self.loss_mask & self.completion_mask
+        """Tokens whose loss counts: a subset of the model's tokens."""
+        return self.model_mask() if self.loss_mask is None else self.loss_mask & self.model_mask()
 
     @property
     def num_rows(self) -> int:
@@ -47,6 +55,7 @@ class RolloutBatch:
             rollout_entropy=None if self.rollout_entropy is None else self.rollout_entropy[idx],
             ntp_mask=None if self.ntp_mask is None else self.ntp_mask[idx],
             token_versions=None if self.token_versions is None else self.token_versions[idx],
+            sampled_mask=None if self.sampled_mask is None else self.sampled_mask[idx],
         )
 
 
@@ -73,4 +82,5 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         rollout_entropy=padded("rollout_entropy", 0.0),
         ntp_mask=padded("ntp_mask", False),
         token_versions=padded("token_versions", 0),
+        sampled_mask=padded("sampled_mask", False),
     )

@@ -130,6 +130,7 @@ class DataConfig:
     answer_key: str = "answer"
     answer_mode: str = choice("hash", ["hash", "raw"])
     digits: int = bounded(2, 1, doc="arithmetic: digits per operand")
+    operands: int = bounded(2, 2, 8, doc="arithmetic: numbers per problem")
     operators: str = "+-*"
     num_train: int = bounded(2000, 0, doc="rows used for training (0: all rows of a file)")
     num_eval: int = bounded(200, 0, doc="held-out rows evaluated (0: no evaluation)")
@@ -379,6 +380,27 @@ class LoggingConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes with an environment (reasonrl/envs). source none: one completion per sample."""
+
+    source: str = choice("none", ["none", "builtin", "python", "verifiers"],
+                         "builtin: env.id names calculator or retry; python: env.id is module:Class; verifiers: "
+                         "an environment of the verifiers package (its dataset and rubric replace data and rewards)")
+    id: str | None = None  # the environment: a built-in name, module:Class, or a verifiers environment id
+    args: dict[str, Any] = field(default_factory=dict)  # constructor / load_environment keyword arguments
+    max_turns: int = bounded(4, 1, 100, doc="assistant turns per episode")
+    max_turn_tokens: int | None = bounded(None, 1, doc="tokens per assistant turn (null: rollout.max_new_tokens)")
+    max_episode_tokens: int = bounded(
+        512, 1, doc="tokens after the prompt, the model's and the environment's (running out = finish 'length')")
+    max_tool_calls: int = bounded(8, 0, 1000, doc="tool calls per episode; later calls get an error reply")
+    tool_timeout_s: float = bounded(10.0, 0, 3600, low_open=True, doc="seconds a tool call may run")
+    max_result_chars: int = bounded(2000, 1, doc="a longer tool result is cut to this many characters")
+    tool_format: str = choice("auto", ["auto", "hermes", "text"],
+                              "auto: hermes when the chat template has a <tool_call> format, else <tool>...</tool>")
+    workers: int = bounded(16, 1, 1024, doc="threads running tool calls and environment turns")
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -388,6 +410,7 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
 
 def _validate_fields(obj, prefix: str = "") -> None:

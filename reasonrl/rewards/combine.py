@@ -16,10 +16,18 @@ __all__ = ["REWARD_REGISTRY", "BatchScores", "RewardFailureError", "resolve_rewa
 
 logger = logging.getLogger("reasonrl.rewards")
 
+def env_reward(completions: list[str], env_reward: list, **kwargs) -> list:
+    """An episode's own reward from its environment (its score plus per-turn rewards; reasonrl/envs). None where
+    the environment did not score, so a recipe that asks for it from an environment that grades nothing fails
+    loudly."""
+    return list(env_reward)
+
+
 REWARD_REGISTRY: dict[str, Callable] = {
     "accuracy": accuracy_reward,
     "closeness": closeness_reward,
     "drqa_concise": concise_correct,
+    "env": env_reward,
     "format": format_reward,
 }
 

@@ -28,6 +28,7 @@ class Scored:
     errors: int
     failures: dict[str, str] = field(default_factory=dict)  # reward function -> its last failure (traceback)
     grader_errors: int = 0  # math_verify failures while scoring (reasonrl.rewards.math.take_grader_errors)
+    episodes: list[dict] | None = None  # per sample, for episodes: turns, tool calls, tokens, transcript
 
     @property
     def group_size(self) -> int:
@@ -42,6 +43,7 @@ class Scored:
             rewards=self.rewards[idx], valid=self.valid[idx],
             per_func={k: [v[i] for i in rows] for k, v in self.per_func.items()}, errors=self.errors,
             failures=self.failures, grader_errors=self.grader_errors,
+            episodes=None if self.episodes is None else [self.episodes[i] for i in rows],
         )
 
 
@@ -53,6 +55,7 @@ def concat_scored(parts: list[Scored]) -> Scored:
         per_func={k: [v for p in parts for v in p.per_func[k]] for k in parts[0].per_func},
         errors=sum(p.errors for p in parts), failures={k: v for p in parts for k, v in p.failures.items()},
         grader_errors=sum(p.grader_errors for p in parts),
+        episodes=None if parts[0].episodes is None else [r for p in parts for r in p.episodes],
     )
 
 

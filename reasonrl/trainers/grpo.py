@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 
 from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
 from reasonrl.data.tasks import load_task_rows
+from reasonrl.envs import build_runner, load_environment
 from reasonrl.malloc_tuning import tune_malloc
 from reasonrl.models import load_autocast_model, load_policy, load_tokenizer, resolve_model_path
 from reasonrl.precision import resolve_precision
 from reasonrl.rewards.math import take_grader_errors
-from reasonrl.rollout.factory import build_engine
+from reasonrl.rollout.factory import build_engine, eos_token_ids
 from reasonrl.trainers import checkpoint as ckpt
 from reasonrl.trainers import lora
 from reasonrl.trainers.distributed import (
@@ -44,7 +45,7 @@ from reasonrl.trainers.distributed import (
     sharded_inference_engine,
     zero_stage,
 )
-from reasonrl.trainers.evaluate import greedy_accuracy
+from reasonrl.trainers.evaluate import episode_accuracy, greedy_accuracy
 from reasonrl.trainers.learner import Learner, nanmean_across
 from reasonrl.trainers.optimization import build_optimizer, build_scheduler
 from reasonrl.trainers.pipeline import ProducerThread, load_results, save_results
@@ -76,7 +77,9 @@ class GRPOTrainer:
         self.out_dir = Path(config.trainer.output_dir)
         set_seed(config.trainer.seed)
 
-        self.train_rows, self.eval_rows = load_task_rows(config.data)
+        self.env = None if config.env.source == "none" else load_environment(config.env.source, config.env.id,
+                                                                               config.env.args)
+        self.train_rows, self.eval_rows = task_rows(config, self.env)
 
         with self.acc.main_process_first():  # the built-in model is converted once, by the main process
             self.model_path = resolve_model_path(config.model.name_or_path)
@@ -91,8 +94,11 @@ class GRPOTrainer:
         )
         if self.zero == 3 and hasattr(self.engine, "synced_gpus"):
             self.engine.synced_gpus = True
+        self.episodes = None if self.env is None else build_runner(
+            config.env, env=self.env, tokenizer=self.tokenizer, eos_ids=eos_token_ids(self.tokenizer, self.policy),
+            template=config.data.template, max_new_tokens=config.rollout.max_new_tokens)
         self.producer = Producer(config, engine=self.engine, tokenizer=self.tokenizer, train_rows=self.train_rows,
-                                 acc=self.acc, dp=self.dp, sp=self.sp, zero=self.zero)
+                                 acc=self.acc, dp=self.dp, sp=self.sp, zero=self.zero, episodes=self.episodes)
         self.learner = Learner(config, acc=self.acc, dp=self.dp, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, ref_model=self.ref_model, pad_id=self.tokenizer.pad_token_id,
                                sp=self.sp, zero=self.zero)
@@ -226,9 +232,14 @@ class GRPOTrainer:
         if self.step % self.config.logging.sample_table_every == 0 or self.step == 1:
             g, scored = self.config.rollout.group_size, produced.scored
             self.tracker.log_samples(self.step, [
-                {"prompt": row["question"], "answer": row["answer"], "completion": scored.texts[i * g],
+                {"prompt": row["question"], "answer": row["answer"], "completion": self._sample_text(scored, i * g),
                  "reward": float(update.rewards[i * g])} for i, row in enumerate(scored.rows[:4])
             ])
+
+    @staticmethod
+    def _sample_text(scored, i: int) -> str:
+        """A sample's text in the table: the completion, or an episode's whole transcript."""
+        return scored.texts[i] if scored.episodes is None else scored.episodes[i]["transcript"]
 
     # ----------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
@@ -238,18 +249,28 @@ class GRPOTrainer:
             mine = mine + mine[:1] * (math.ceil(len(self.eval_rows) / self.acc.num_processes) - len(mine))
         t0 = time.perf_counter()
         take_grader_errors()  # the step's count was logged with the step
-        result = greedy_accuracy(
-            self.engine, self.tokenizer, mine, template=self.config.data.template,
-            max_new_tokens=self.config.trainer.eval_max_new_tokens, num_scored=scored,
-        )
-        counts = torch.tensor([result["correct"], result["n"], result["tokens"], take_grader_errors()])
-        correct, n, tokens, grader_errors = self.dp.reduce(counts, reduction="sum").tolist()
-        record = {"step": self.step, "accuracy": correct / max(n, 1), "mean_length": tokens / max(n, 1), "n": n,
-                  "seconds": time.perf_counter() - t0}
+        if self.episodes is None:
+            result = greedy_accuracy(
+                self.engine, self.tokenizer, mine, template=self.config.data.template,
+                max_new_tokens=self.config.trainer.eval_max_new_tokens, num_scored=scored,
+            )
+        else:
+            result = episode_accuracy(self.episodes, self.engine, self.tokenizer, mine, num_scored=scored)
+        keys = ["correct", "n", "tokens", "tool_calls", "with_tool", "turns"]
+        counts = torch.tensor([result.get(k, 0.0) for k in keys] + [take_grader_errors()])
+        totals = dict(zip([*keys, "grader_errors"], self.dp.reduce(counts, reduction="sum").tolist()))
+        n = max(totals["n"], 1)
+        record = {"step": self.step, "accuracy": totals["correct"] / n, "mean_length": totals["tokens"] / n,
+                  "n": totals["n"], "seconds": time.perf_counter() - t0}
+        metrics = {"eval/accuracy": record["accuracy"], "eval/mean_length": record["mean_length"],
+                   "eval/grader_errors": totals["grader_errors"]}
+        if self.episodes is not None:
+            record["tool_call_rate"] = totals["with_tool"] / n
+            metrics.update({"eval/tool_call_rate": record["tool_call_rate"], "eval/turns_mean": totals["turns"] / n,
+                            "eval/tool_calls_mean": totals["tool_calls"] / n})
         self.eval_history.append(record)
         self.tracker.log_samples(self.step, result["samples"][:8])
-        return {"eval/accuracy": record["accuracy"], "eval/mean_length": record["mean_length"],
-                "eval/grader_errors": grader_errors}
+        return metrics
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -359,9 +380,14 @@ class GRPOTrainer:
         return self.eval_history
 
     def close(self) -> None:
+        """Stop the background work and free the DeepSpeed engines: their gradient hooks tie the model, the optimizer
+        and the process groups they hold into a cycle no garbage collection frees."""
         if self.ahead is not None:
             self.ahead.close()
         self.producer.close()
+        if hasattr(self.ref_model, "destroy"):  # ZeRO-3's sharded reference engine
+            self.ref_model.destroy()
+        self.acc.free_memory()  # destroys the policy's DeepSpeed engine, drops accelerate's references
 
     def _trainable(self) -> list:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -371,6 +397,15 @@ class GRPOTrainer:
         local = fingerprint(self.policy.parameters(), self.zero).to(self.acc.device)
         every_rank = self.acc.gather(local[None])  # [world, 2 * num_tensors]
         return bool((every_rank == every_rank[0]).all())
+
+
+def task_rows(config, env) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows: the recipe's data section, or a verifiers environment's own data sets."""
+    if config.env.source != "verifiers":
+        return load_task_rows(config.data)
+    d = config.data
+    train, eval_rows = env.rows("train"), env.rows("eval")
+    return (train[: d.num_train] if d.num_train > 0 else train), eval_rows[: d.num_eval]
 
 
 def _due(step: int, every: int) -> bool:
@@ -386,6 +421,17 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
+def _train(config: RecipeConfig) -> str | None:
+    """Build, run and close the trainer; the signal that stopped it early, if any. Nothing of the trainer outlives
+    this call, so leave_process_group can free the process groups it used."""
+    trainer = GRPOTrainer(config)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return trainer.preempted_by
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -399,12 +445,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file weight loading bars drown the training progress bar
     try:
-        trainer = GRPOTrainer(config)
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
-        leave_process_group()
+        preempted_by = _train(config)
+        leave_process_group()  # after _train: the trainer, and the process groups its engines hold, are released
     except ConfigError as err:  # a rule that needs the process count or the loaded pieces (validate, engines)
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -416,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
               f"responding (see its log); trainer.collective_timeout_s={config.trainer.collective_timeout_s}. "
               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
         return 1
-    return PREEMPTED_EXIT_CODE if trainer.preempted_by else 0
+    return PREEMPTED_EXIT_CODE if preempted_by else 0
 
 
 if __name__ == "__main__":

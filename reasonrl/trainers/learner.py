@@ -85,7 +85,7 @@ class Learner:
         old_logp, entropy = self._sampling_policy_pass(batch)
         if a.hapo.adaptive_temperature and produced.sampled_with is not None and entropy is not None:
             metrics.update(adaptive_temperature_metrics(
-                self.dp, entropy, batch.completion_mask, stats=produced.sampled_with,
+                self.dp, entropy, batch.model_mask(), stats=produced.sampled_with,
                 base_temperature=cfg.rollout.temperature, tau=a.hapo.temperature_tau, sign_mode=a.hapo.sign_mode))
         if self.stages.kl_in_reward:
             kl_penalty = self._kl_reward_penalty(batch, old_logp)
@@ -141,7 +141,7 @@ class Learner:
     def _kl_reward_penalty(self, batch, old_logp: torch.Tensor) -> torch.Tensor:
         ref_logp, _ = self._frozen_logprobs(self.ref_model, batch)
         per_token = kl_estimate(old_logp, ref_logp, self.config.algorithm.kl_estimator)
-        return kl_reward_penalty(per_token, batch.completion_mask, coef=self.config.algorithm.kl_coef)
+        return kl_reward_penalty(per_token, batch.model_mask(), coef=self.config.algorithm.kl_coef)
 
     def _advantages(self, rewards, valid, lengths, sample_keep: float, metrics: dict):
         """Advantages from every rank's rewards (group or batch statistics: all ranks compute the same global
@@ -170,7 +170,7 @@ class Learner:
         if self.stages.curriculum:  # RMT: RL on a share of the tokens, from low to high entropy over training
             r = a.rmt
             batch.loss_mask = select_curriculum_tokens(
-                entropy, batch.loss_mask & batch.completion_mask, step / max(steps - 1, 1),
+                entropy, batch.loss_mask & batch.model_mask(), step / max(steps - 1, 1),
                 fraction=r.token_fraction, start=r.target_start, end=r.target_end, width=r.width,
                 generator=torch.Generator().manual_seed(self.config.trainer.seed * 7_919 + step))
         return {"before_d3s": before, "after_d3s": after}
@@ -183,7 +183,7 @@ class Learner:
         if ntp_weight:
             scored = produced.scored
             rows = scored.valid & (correct_indicator(scored) > 0) if r.ntp_rows == "correct" else scored.valid
-            scored.batch.ntp_mask = scored.batch.completion_mask & rows[:, None]
+            scored.batch.ntp_mask = scored.batch.model_mask() & rows[:, None]
             metrics["rmt/ntp_weight"] = ntp_weight
         return ntp_weight
 
@@ -192,7 +192,7 @@ class Learner:
         if not self.stages.hapo_stats:
             return None, None
         h = self.config.algorithm.hapo
-        stats = hapo_entropy_stats(self.dp, entropy, batch.completion_mask & valid[:, None], pivot=h.entropy_pivot)
+        stats = hapo_entropy_stats(self.dp, entropy, batch.model_mask() & valid[:, None], pivot=h.entropy_pivot)
         h_hat = hapo_h_hat(entropy, stats, sign_mode=h.sign_mode) if self.stages.hapo_h_hat else None
         metrics.update({"hapo/entropy_pivot": stats.m, "hapo/entropy_rms": stats.sigma})
         return stats, h_hat

@@ -102,7 +102,8 @@ class ProducerThread:
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-_TENSORS = ("completion_ids", "completion_mask", "rollout_logprobs", "rollout_entropy", "token_versions")
+_TENSORS = ("completion_ids", "completion_mask", "rollout_logprobs", "rollout_entropy", "token_versions",
+            "sampled_mask")
 
 
 def scored_to_json(scored: Scored) -> dict:
@@ -114,7 +115,7 @@ def scored_to_json(scored: Scored) -> dict:
         "valid": scored.valid.tolist(), "per_func": scored.per_func, "errors": scored.errors,
         "failures": scored.failures, "grader_errors": scored.grader_errors, "prompt_ids": b.prompt_ids,
         "finish_reasons": b.finish_reasons,
-        "group_size": b.group_size,
+        "group_size": b.group_size, "episodes": scored.episodes,
         "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "values": t.tolist()}
                     for name, t in tensors.items()},
     }
@@ -127,11 +128,12 @@ def scored_from_json(data: dict) -> Scored:
                          group_size=data["group_size"], completion_ids=tensors["completion_ids"],
                          completion_mask=tensors["completion_mask"],
                          rollout_logprobs=tensors.get("rollout_logprobs"),
-                         rollout_entropy=tensors.get("rollout_entropy"), token_versions=tensors.get("token_versions"))
+                         rollout_entropy=tensors.get("rollout_entropy"), token_versions=tensors.get("token_versions"),
+                         sampled_mask=tensors.get("sampled_mask"))
     return Scored(rows=data["rows"], batch=batch, texts=data["texts"],
                   rewards=torch.tensor(data["rewards"], dtype=torch.float32), valid=torch.tensor(data["valid"]),
                   per_func=data["per_func"], errors=data["errors"], failures=data["failures"],
-                  grader_errors=data["grader_errors"])
+                  grader_errors=data["grader_errors"], episodes=data.get("episodes"))
 
 
 def results_file(folder: Path, rank: int) -> Path:

@@ -37,7 +37,7 @@ def loss_mask_for(batch, valid: torch.Tensor, *, mask_truncated: bool) -> torch.
     keep = valid.bool().clone()
     if mask_truncated:
         keep &= ~truncated_mask(batch.finish_reasons)
-    return batch.completion_mask & keep[:, None]
+    return batch.model_mask() & keep[:, None]
 
 
 def d3s_keep_fractions(d3s, *, step: int, total_steps: int) -> tuple[float, float]:

@@ -23,6 +23,7 @@ import torch
 from reasonrl.batch import RolloutBatch
 from reasonrl.data.effort import with_effort
 from reasonrl.data.prompts import encode_prompt
+from reasonrl.envs.trajectories import episode_batch, episode_metrics, episode_record, episode_sums
 from reasonrl.rewards.combine import RewardFailureError, resolve_reward, score_batch
 from reasonrl.rewards.math import take_grader_errors
 from reasonrl.rl.hapo import EntropyStats
@@ -71,8 +72,10 @@ def correct_indicator(scored: Scored) -> torch.Tensor:
 
 
 class Producer:
-    def __init__(self, config, *, engine, tokenizer, train_rows: list[dict], acc, dp, sp=None, zero=None):
+    def __init__(self, config, *, engine, tokenizer, train_rows: list[dict], acc, dp, sp=None, zero=None,
+                 episodes=None):
         self.config, self.engine, self.tokenizer, self.train_rows = config, engine, tokenizer, train_rows
+        self.episodes = episodes  # the EpisodeRunner of a recipe with an environment (reasonrl/envs), else None
         self.acc, self.dp, self.sp, self.zero = acc, dp, sp, zero
         self.reward_funcs = [(spec.name, functools.partial(resolve_reward(spec.name), **spec.args), spec.weight)
                              for spec in config.rewards]
@@ -97,8 +100,11 @@ class Producer:
             self.engine.sleep(level=1)
             self.engine_asleep = True
         seconds = time.perf_counter() - t0
-        lengths = scored.batch.completion_mask.sum(-1).float()
+        lengths = scored.batch.model_mask().sum(-1).float()  # the model's tokens (an episode's, over its turns)
         rewards, shaping_metrics = self.shape_rewards(scored, lengths, step)
+        if scored.episodes is not None:
+            sums = self.dp.reduce(episode_sums(scored.episodes).float().to(self.acc.device), reduction="sum")
+            metrics.update(episode_metrics(sums.cpu()))
         sampled_with = self.planned_with.pop(step, self.sampling_stats)  # (a round restored from a checkpoint: now)
         return ProducedBatch(step, scored, rewards, lengths, sampled_with, scored.grader_errors, seconds,
                              {**metrics, **shaping_metrics})
@@ -126,13 +132,19 @@ class Producer:
 
     def generate_and_score(self, plan: Plan) -> Scored:
         """The plan's completions, scored: the engine and the reward functions only (safe in a worker thread)."""
-        batch, texts = self._generate(plan.rows, plan.params)
         g = self.config.rollout.group_size
         columns = {key: [row[key] for row in plan.rows for _ in range(g)] for key in plan.rows[0]}
+        records = None
+        if self.episodes is None:
+            batch, texts = self._generate(plan.rows, plan.params)
+        else:
+            batch, texts, records = self._run_episodes(plan.rows, plan.params)
+            columns["env_reward"] = [r.pop("reward") for r in records]
         scores = score_batch(self.reward_funcs, texts, columns, strict=self.config.trainer.strict_rewards,
                              logged=self.logged_reward_errors)
         return Scored(plan.rows, batch, texts, torch.tensor(scores.total), torch.tensor(scores.valid),
-                      scores.per_func, scores.errors, scores.failures, grader_errors=take_grader_errors())
+                      scores.per_func, scores.errors, scores.failures, grader_errors=take_grader_errors(),
+                      episodes=records)
 
     def within_staleness(self, step: int, scored: Scored) -> tuple[Scored, dict]:
         """`scored` without its samples older than `rollout.max_staleness` versions at learner version `step`:
@@ -140,7 +152,7 @@ class Producer:
         groups generated again now."""
         r = self.config.rollout
         batch = scored.batch
-        stale = stale_rows(batch.token_versions, batch.completion_mask, learner_version=step,
+        stale = stale_rows(batch.token_versions, batch.model_mask(), learner_version=step,
                            max_staleness=r.max_staleness)
         count = torch.tensor([float(stale.sum())], device=self.acc.device)
         metrics = {"async/dropped": 0.0, "async/regenerated": 0.0}
@@ -226,6 +238,15 @@ class Producer:
         )
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         return batch, texts
+
+    def _run_episodes(self, rows: list[dict], params: SamplingParams) -> tuple[RolloutBatch, list[str], list[dict]]:
+        """The rows' episodes (G each) with the environment: their batch, the model's text of each (what the
+        reward functions grade) and per-episode records (with the environment's own reward)."""
+        g = self.config.rollout.group_size
+        episodes = self.episodes.run(self.engine, rows, params, group_size=g, version=self.version)
+        batch = episode_batch(episodes, pad_id=self.tokenizer.pad_token_id, group_size=g)
+        records = [{**episode_record(e, self.tokenizer), "reward": e.reward} for e in episodes]
+        return batch, [e.model_text() for e in episodes], records
 
     def _check_reward_failures(self, scored: Scored) -> None:
         """A reward that fails for every sample of a step, `trainer.max_failed_reward_steps` steps in a row, stops
@@ -334,6 +355,8 @@ class Producer:
 
     def close(self) -> None:
         """Shut the rollout engine down (vLLM's in-process engine holds memory and a process group)."""
+        if self.episodes is not None:
+            self.episodes.close()
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()

@@ -222,7 +222,7 @@ def train_on_batch(model, optimizer, scheduler, acc, batch, advantages, *, algo,
     """
     mask = batch.trained_mask()
     ntp_mask = batch.ntp_mask if ntp_weight and batch.ntp_mask is not None else torch.zeros_like(mask)
-    ntp_mask = ntp_mask & batch.completion_mask
+    ntp_mask = ntp_mask & batch.model_mask()
     # every row counts as a sequence, trained tokens or not (TRL's grpo/dr_grpo normalisation)
     counts = torch.tensor([mask.sum(), mask.shape[0], ntp_mask.sum()], dtype=torch.float, device=acc.device)
     global_tokens, global_seqs, global_ntp_tokens = acc.reduce(counts, reduction="sum")

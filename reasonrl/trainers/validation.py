@@ -52,6 +52,7 @@ def validate(config: RecipeConfig, world_size: int) -> None:
     validate_optim(config)
     validate_sparse_attention(config)
     validate_lora(config.model.lora)
+    validate_env(config)
 
 
 def validate_async(config: RecipeConfig) -> None:
@@ -77,6 +78,47 @@ def validate_async(config: RecipeConfig) -> None:
     if not r.inflight_updates and r.inflight_chunk_tokens != default_chunk:
         raise ConfigError(f"rollout.inflight_chunk_tokens={r.inflight_chunk_tokens} is used with "
                           f"rollout.inflight_updates=true only: set it, or leave it at {default_chunk}")
+
+
+EPISODE_UNSUPPORTED_SHAPERS = {
+    "overlong": "it measures a completion against rollout.max_new_tokens (use overlong.mask_truncated)",
+    "rmt_budget": "it sets one completion's max_new_tokens; an episode's budget is env.max_episode_tokens",
+    "effort": "it writes the effort into a single-turn prompt",
+}
+
+
+def validate_env(config: RecipeConfig) -> None:
+    """The `env` section and the settings an episode cannot honour."""
+    e, names = config.env, [spec.name for spec in config.rewards]
+    if e.source == "none":
+        if e.id is not None or e.args:
+            raise ConfigError(f"env.id={e.id!r} / env.args are set but env.source=none: set env.source (builtin, "
+                              "python or verifiers) or remove them")
+        if "env" in names:
+            raise ConfigError("rewards: 'env' is the environment's own score, but env.source=none has no environment")
+        return
+    if not e.id:
+        raise ConfigError(f"env.source={e.source} needs env.id (builtin: calculator or retry; python: module:Class; "
+                          "verifiers: an environment id)")
+    if e.source == "builtin" and e.id not in ("calculator", "retry"):
+        raise ConfigError(f"env.id={e.id!r} is not a built-in environment; choose one of ['calculator', 'retry']")
+    if e.source == "verifiers" and "env" not in names:
+        raise ConfigError("env.source=verifiers grades episodes with the environment's rubric: add "
+                          "{name: env} to rewards")
+    if e.max_turn_tokens is not None and e.max_turn_tokens > e.max_episode_tokens:
+        raise ConfigError(f"env.max_turn_tokens={e.max_turn_tokens} exceeds env.max_episode_tokens="
+                          f"{e.max_episode_tokens}")
+    for spec in config.algorithm.reward_shapers:
+        if spec.name in EPISODE_UNSUPPORTED_SHAPERS:
+            raise ConfigError(f"algorithm.reward_shapers: {spec.name} does not work with episodes (env.source="
+                              f"{e.source}): {EPISODE_UNSUPPORTED_SHAPERS[spec.name]}")
+    if config.algorithm.overlong.penalty:
+        raise ConfigError("algorithm.overlong.penalty measures a completion against rollout.max_new_tokens; with "
+                          "episodes (env.source set) use overlong.mask_truncated, which episodes cut by "
+                          "env.max_episode_tokens honour")
+    if config.model.sparse_attention.sequence_parallel > 1:
+        raise ConfigError("episodes (env.source set) are not supported with model.sparse_attention.sequence_parallel"
+                          " > 1")
 
 
 def needs_entropy(config: RecipeConfig) -> bool:

@@ -27,7 +27,17 @@ def tiny_model():
     return LlamaForCausalLM(cfg)
 
 
-def full_inputs():
+def full_inputs(episodes: bool = False):
+    """The batch, advantages, entropies and old log-probs; `episodes`: each row's 3rd and 4th tokens are
+    environment tokens (input only)."""
+    batch, advantages, entropy, old_logp = _completions()
+    if episodes:
+        batch.sampled_mask = batch.completion_mask.clone()
+        batch.sampled_mask[:, 2:4] = False
+    return batch, advantages, entropy, old_logp
+
+
+def _completions():
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 40, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (ROWS // GROUP,),
                                                                                              generator=g)]
@@ -56,21 +66,23 @@ def configurations() -> dict[str, AlgorithmConfig]:
     both.hapo.adaptive_clip = both.hapo.redistribution = True
     both.d3s.token_keep_start = 0.4
     configs["hapo_d3s_entropy"] = both
+    for name in ("agg_seq_mean_token_mean", "hapo_d3s_entropy"):  # the same components on episodes
+        configs[f"episodes_{name}"] = configs[name]
     return configs
 
 
-def one_step(acc, algo: AlgorithmConfig, micro: int) -> dict[str, torch.Tensor]:
-    batch, all_adv, entropy, old_logp = full_inputs()
+def one_step(acc, algo: AlgorithmConfig, micro: int, episodes: bool = False) -> dict[str, torch.Tensor]:
+    batch, all_adv, entropy, old_logp = full_inputs(episodes)
     per_rank = ROWS // acc.num_processes
     rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
     keep = d3s_rollout_keep(all_adv, algo.d3s, keep_fraction=algo.d3s.sample_keep_start, group_size=GROUP)[rows]
     local, adv, ent, old = batch.select_rows(rows), all_adv[rows], entropy[rows], old_logp[rows]
-    local.loss_mask = local.completion_mask & keep[:, None]
+    local.loss_mask = local.model_mask() & keep[:, None]
     local.loss_mask = d3s_token_mask(acc, adv, ent, local.loss_mask, keep_fraction=algo.d3s.token_keep_start,
                                      scope=algo.d3s.token_scope)
     h_hat = None
     if algo.hapo.adaptive_clip:
-        stats = hapo_entropy_stats(acc, ent, local.completion_mask, pivot=algo.hapo.entropy_pivot)
+        stats = hapo_entropy_stats(acc, ent, local.model_mask(), pivot=algo.hapo.entropy_pivot)
         h_hat = hapo_h_hat(ent, stats, sign_mode=algo.hapo.sign_mode)
     model = tiny_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -84,7 +96,8 @@ def one_step(acc, algo: AlgorithmConfig, micro: int) -> dict[str, torch.Tensor]:
 
 
 def run_all(acc, micro: int) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: one_step(acc, algo, micro) for name, algo in configurations().items()}
+    return {name: one_step(acc, algo, micro, episodes=name.startswith("episodes_"))
+            for name, algo in configurations().items()}
 
 
 if __name__ == "__main__":

@@ -70,6 +70,29 @@ def test_one_step_of_every_combination(tiny_model_dir, tmp_path, estimator, agg,
         assert metrics["train/skipped"] == 0.0 and metrics["loss/ntp"] > 0
 
 
+EPISODES = ["env.source=builtin", "env.id=retry", "env.max_turns=3", "env.max_episode_tokens=96",
+            # one character per token: a stop at any letter or digit ends most turns early, so the environment replies
+            "rollout.stop=[" + ",".join(f"'{c}'" for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+            + "]"]
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("components", [c for r in range(len(COMPONENTS) + 1)
+                                        for c in itertools.combinations(COMPONENTS, r)],
+                         ids=lambda v: "+".join(v) or "plain")
+def test_one_step_of_episodes_with_every_component_set(tiny_model_dir, tmp_path, agg, components):
+    """Episodes (multi-turn, environment tokens in the completion) with D3S, HAPO and RMT in every combination: a
+    finite update that trains the model's tokens only."""
+    switches = [s for name in components for s in COMPONENTS[name]]
+    tr = trainer(tiny_model_dir, tmp_path, f"algorithm.loss_agg={agg}", *EPISODES, *switches)
+    metrics = tr.train_step()
+    assert math.isfinite(metrics["loss/policy"]) and math.isfinite(metrics["optim/grad_norm"])
+    assert metrics["episode/env_token_share"] > 0 and metrics["episode/turns_mean"] > 1
+    model_tokens = metrics["completion/len_mean"] * 8  # 2 prompts x 4 episodes
+    assert metrics["train/loss_tokens"] <= model_tokens
+    assert ("hapo/entropy_pivot" in metrics) == ("hapo" in components)
+
+
 def test_a_skipped_step_still_advances_the_schedule(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(combine.REWARD_REGISTRY, "accuracy", lambda completions, **_: [1.0] * len(completions))
     tr = trainer(tiny_model_dir, tmp_path, "rewards=[{name: accuracy}]", "algorithm.num_iterations=2")

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from accelerate import Accelerator
-from test_step import PAD, make_batch, naive_grads, tiny_model
+from test_step import PAD, make_batch, naive_grads, tiny_model, with_environment_tokens
 
 from reasonrl.config import AlgorithmConfig, ConfigError, OptimConfig, load_config
 from reasonrl.models import load_model
@@ -202,12 +202,13 @@ def test_micro_batches_by_rows_or_tokens():
 ADV = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, -0.5])  # a zero-advantage group is skipped
 
 
-def step_grads(*, micro=6, tokens=None, packing=False, checkpointing=False, algo=None, ref=None, acc=None, seed=0):
+def step_grads(*, micro=6, tokens=None, packing=False, checkpointing=False, algo=None, ref=None, acc=None, seed=0,
+               batch=None):
     model = tiny_model()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    batch = make_batch(seed=seed)
+    batch = make_batch(seed=seed) if batch is None else batch
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -230,6 +231,17 @@ def test_step_gradient_is_the_same_for_rows_or_token_budgets(micro, tokens, pack
     got, metrics = step_grads(micro=micro, tokens=tokens, packing=packing)
     assert_same(got, reference)
     assert metrics["train/tokens"] == float(batch.completion_mask[[0, 1, 4, 5]].sum())
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("micro, tokens", [(1, None), (6, 12), (6, 10_000)])
+def test_episode_steps_are_the_same_for_rows_token_budgets_and_packing(micro, tokens, packing):
+    """Episodes (environment tokens in the completion, input only) split and pack exactly like completions."""
+    batch = with_environment_tokens(make_batch())
+    reference = naive_grads(tiny_model(), batch, ADV, temperature=0.7)
+    got, metrics = step_grads(micro=micro, tokens=tokens, packing=packing, batch=batch)
+    assert_same(got, reference)
+    assert metrics["train/tokens"] == float(batch.model_mask()[[0, 1, 4, 5]].sum())
 
 
 @pytest.mark.parametrize("tokens", [None, 15])

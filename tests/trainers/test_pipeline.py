@@ -17,11 +17,12 @@ def _scored(step: int) -> Scored:
     batch = RolloutBatch(prompt_ids=[[1, 2], [1, 2]], completion_ids=torch.randint(0, 50, (2, 3), generator=g),
                          completion_mask=torch.tensor([[True, True, False], [True, True, True]]),
                          rollout_logprobs=-torch.rand(2, 3, generator=g), finish_reasons=["stop", "length"],
-                         group_size=2, token_versions=torch.tensor([[step, step, 0], [step - 1, step, step]]))
+                         group_size=2, token_versions=torch.tensor([[step, step, 0], [step - 1, step, step]]),
+                         sampled_mask=torch.tensor([[True, True, False], [True, False, True]]))  # an episode
     return Scored(rows=[{"question": f"q{step}", "answer": "1"}], batch=batch, texts=["a", "b"],
                   rewards=torch.rand(2, generator=g), valid=torch.tensor([True, False]),
                   per_func={"accuracy": [1.0, float("nan")]}, errors=1, failures={"accuracy": "Traceback ..."},
-                  grader_errors=step)
+                  grader_errors=step, episodes=[{"turns": 2, "transcript": "a"}, {"turns": 1, "transcript": "b"}])
 
 
 def test_results_round_trip_exactly(tmp_path):
@@ -31,12 +32,12 @@ def test_results_round_trip_exactly(tmp_path):
     assert sorted(back) == [4, 5]
     for step, scored in results.items():
         again = back[step]
-        for name in ("completion_ids", "completion_mask", "rollout_logprobs", "token_versions"):
+        for name in ("completion_ids", "completion_mask", "rollout_logprobs", "token_versions", "sampled_mask"):
             ours, theirs = getattr(again.batch, name), getattr(scored.batch, name)
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
         assert torch.equal(again.rewards, scored.rewards) and torch.equal(again.valid, scored.valid)
         assert again.rows == scored.rows and again.texts == scored.texts and again.errors == scored.errors
-        assert again.grader_errors == scored.grader_errors == step
+        assert again.grader_errors == scored.grader_errors == step and again.episodes == scored.episodes
         assert again.per_func["accuracy"][0] == 1.0 and again.per_func["accuracy"][1] != again.per_func["accuracy"][1]
     assert load_results(tmp_path, 1, num_processes=4) == {}  # another layout: generated again
     assert load_results(tmp_path, 0, num_processes=2) == {}  # nothing saved for rank 0

@@ -34,8 +34,10 @@ def make_batch(seed=0, rows=6, width=5):
 
 
 def naive_grads(model, batch, adv, *, temperature, kl_coef=0.0, ref=None):
-    """Per row: unpadded forward, full log-softmax; loss = sum_t(-A * ratio + kl_coef * k3) / all valid tokens."""
-    total = batch.completion_mask.sum()
+    """Per row: unpadded forward, full log-softmax; loss = sum_t(-A * ratio + kl_coef * k3) / all trained tokens
+    (the model's tokens: an episode's environment tokens are input only)."""
+    trained = batch.completion_mask if batch.sampled_mask is None else batch.completion_mask & batch.sampled_mask
+    total = trained.sum()
     model.zero_grad()
     for i in range(batch.num_rows):
         n = int(batch.completion_mask[i].sum())
@@ -43,6 +45,7 @@ def naive_grads(model, batch, adv, *, temperature, kl_coef=0.0, ref=None):
         p = len(batch.prompt_ids[i])
         logits = model(input_ids=seq).logits[0, p - 1 : p - 1 + n] / temperature
         logp = torch.log_softmax(logits, -1).gather(-1, seq[0, p:, None]).squeeze(-1)
+        logp = logp[trained[i, :n]] if kl_coef == 0 else logp
         loss = -(adv[i] * torch.exp(logp - logp.detach())).sum()
         if kl_coef:
             with torch.no_grad():
@@ -66,6 +69,29 @@ def step_with_sgd(model, batch, adv, *, micro, temperature, kl_coef=0.0, ref=Non
         ref_model=ref, **extra,
     )
     return {name: before[name] - p.detach() for name, p in model.named_parameters()}, metrics
+
+
+def with_environment_tokens(batch):
+    """The batch as episodes: in every row with 4+ tokens, its 2nd and 3rd tokens came from the environment."""
+    sampled = batch.completion_mask.clone()
+    long_rows = batch.completion_mask.sum(-1) >= 4
+    sampled[long_rows, 1:3] = False
+    batch.sampled_mask = sampled
+    return batch
+
+
+@pytest.mark.parametrize("micro", [1, 2, 6])
+def test_episode_environment_tokens_are_context_and_never_trained(micro):
+    batch = with_environment_tokens(make_batch(seed=5))
+    assert (batch.model_mask() != batch.completion_mask).any()  # some tokens are the environment's
+    adv = torch.tensor([1.0, -1.0, 0.7, -0.7, 0.5, -0.5])
+    reference = naive_grads(tiny_model(), batch, adv, temperature=0.7)
+    got, metrics = step_with_sgd(tiny_model(), batch, adv, micro=micro, temperature=0.7)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert metrics["train/tokens"] == float(batch.model_mask().sum())
+    plain, _ = step_with_sgd(tiny_model(), make_batch(seed=5), adv, micro=micro, temperature=0.7)
+    assert any((plain[n] - got[n]).abs().max() > 1e-6 for n in got)  # the mask changed the update
 
 
 @pytest.mark.parametrize("micro", [1, 2, 6])

@@ -1,0 +1,80 @@
+"""Finished episodes -> the trainer's batch: an episode is a completion whose environment tokens are context only.
+
+The completion of an episode is every token after its prompt, the model's and the environment's, in order; the
+batch's `sampled_mask` marks the model's, so the loss, the advantages' length terms, the entropy statistics, D3S
+token selection, the IS correction and the KL read the model's tokens only, while the forward sees the whole
+trajectory. Per-episode records carry the metrics (turns, tool calls, token shares) and the transcript.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reasonrl.batch import RolloutBatch
+from reasonrl.envs.episodes import Episode
+
+
+def episode_batch(episodes: list[Episode], *, pad_id: int, group_size: int) -> RolloutBatch:
+    """Right-padded [N, T] tensors of the episodes (prompt-major, G consecutive episodes per prompt)."""
+    n, width = len(episodes), max(1, max(len(e.ids) for e in episodes))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    sampled = torch.zeros((n, width), dtype=torch.bool)
+    logps = torch.zeros((n, width))
+    versions = torch.zeros((n, width), dtype=torch.long)
+    with_entropy = all(e.entropies is not None for e in episodes)
+    entropy = torch.zeros((n, width)) if with_entropy else None
+    for i, e in enumerate(episodes):
+        t = len(e.ids)
+        ids[i, :t] = torch.tensor(e.ids, dtype=torch.long)
+        mask[i, :t] = True
+        sampled[i, :t] = torch.tensor(e.sampled, dtype=torch.bool)
+        logps[i, :t] = torch.tensor(e.logprobs)
+        versions[i, :t] = torch.tensor(e.versions, dtype=torch.long)
+        if entropy is not None:
+            entropy[i, :t] = torch.tensor(e.entropies)
+    return RolloutBatch(
+        prompt_ids=[e.prompt_ids for e in episodes], completion_ids=ids, completion_mask=mask, rollout_logprobs=logps,
+        finish_reasons=[e.finish_reason for e in episodes], group_size=group_size, rollout_entropy=entropy,
+        token_versions=versions, sampled_mask=sampled,
+    )
+
+
+def episode_record(episode: Episode, tokenizer) -> dict:
+    """What the metrics and the sample table read about one episode."""
+    s = episode.state
+    return {
+        "turns": s.turns, "tool_calls": s.tool_calls, "tool_errors": s.tool_errors, "env_errors": episode.env_errors,
+        "model_tokens": episode.model_tokens, "env_tokens": episode.env_tokens,
+        "truncated": episode.finish_reason == "length", "turn_limit": episode.turn_limit,
+        "transcript": tokenizer.decode(episode.ids, skip_special_tokens=False),
+    }
+
+
+EPISODE_SUMS = ("turns", "tool_calls", "tool_errors", "env_errors", "model_tokens", "env_tokens", "truncated",
+                "turn_limit", "with_tool_call")
+
+
+def episode_sums(records: list[dict]) -> torch.Tensor:
+    """[len(EPISODE_SUMS) + 1] sums over the records, then their count (ranks add them up before dividing)."""
+    rows = [[float(r[k]) for k in EPISODE_SUMS[:-1]] + [float(r["tool_calls"] > 0)] for r in records]
+    sums = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else torch.zeros(len(EPISODE_SUMS), dtype=torch.float64)
+    return torch.cat([sums, torch.tensor([float(len(records))], dtype=torch.float64)])
+
+
+def episode_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Per-episode means and shares from `episode_sums` (added over ranks)."""
+    total = dict(zip(EPISODE_SUMS, sums[:-1].tolist()))
+    count = max(float(sums[-1]), 1.0)
+    tokens = max(total["model_tokens"] + total["env_tokens"], 1.0)
+    return {
+        "episode/turns_mean": total["turns"] / count,
+        "episode/tool_calls_mean": total["tool_calls"] / count,
+        "episode/tool_call_rate": total["with_tool_call"] / count,
+        "episode/tool_error_rate": total["tool_errors"] / max(total["tool_calls"], 1.0),
+        "episode/env_errors": total["env_errors"],
+        "episode/env_token_share": total["env_tokens"] / tokens,
+        "episode/model_token_share": total["model_tokens"] / tokens,
+        "episode/truncated_frac": total["truncated"] / count,
+        "episode/turn_limit_frac": total["turn_limit"] / count,
+    }
