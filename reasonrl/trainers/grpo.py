@@ -380,14 +380,9 @@ class GRPOTrainer:
         return self.eval_history
 
     def close(self) -> None:
-        """Stop the background work and free the DeepSpeed engines: their gradient hooks tie the model, the optimizer
-        and the process groups they hold into a cycle no garbage collection frees."""
         if self.ahead is not None:
             self.ahead.close()
         self.producer.close()
-        if hasattr(self.ref_model, "destroy"):  # ZeRO-3's sharded reference engine
-            self.ref_model.destroy()
-        self.acc.free_memory()  # destroys the policy's DeepSpeed engine, drops accelerate's references
 
     def _trainable(self) -> list:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -421,17 +416,6 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def _train(config: RecipeConfig) -> str | None:
-    """Build, run and close the trainer; the signal that stopped it early, if any. Nothing of the trainer outlives
-    this call, so leave_process_group can free the process groups it used."""
-    trainer = GRPOTrainer(config)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    return trainer.preempted_by
-
-
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -445,8 +429,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file weight loading bars drown the training progress bar
     try:
-        preempted_by = _train(config)
-        leave_process_group()  # after _train: the trainer, and the process groups its engines hold, are released
+        trainer = GRPOTrainer(config)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        leave_process_group()
     except ConfigError as err:  # a rule that needs the process count or the loaded pieces (validate, engines)
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -458,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
               f"responding (see its log); trainer.collective_timeout_s={config.trainer.collective_timeout_s}. "
               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
         return 1
-    return PREEMPTED_EXIT_CODE if preempted_by else 0
+    return PREEMPTED_EXIT_CODE if trainer.preempted_by else 0
 
 
 if __name__ == "__main__":
