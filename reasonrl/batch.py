@@ -5,6 +5,15 @@ from dataclasses import dataclass
 import torch
 
 
+def right_padded(rows: list[list], *, width: int, fill=0, dtype=torch.long) -> torch.Tensor:
+    """[len(rows), width]: each row's values from the left, then `fill`."""
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
 @dataclass
 class RolloutBatch:
     """One rollout step: right-padded completions with bool mask (True = real token)."""

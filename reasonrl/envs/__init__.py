@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-
 from reasonrl.envs.base import Environment, EpisodeState
+from reasonrl.imports import import_callable
 
 __all__ = ["BUILTIN_ENVS", "Environment", "EpisodeState", "build_runner", "load_environment"]
 
@@ -40,16 +39,9 @@ def load_environment(source: str, env_id: str | None, args: dict) -> Environment
 
 
 def _python_env(env_id: str | None, args: dict) -> Environment:
-    module_name, _, name = (env_id or "").partition(":")
-    if not module_name or not name:
+    if not env_id or ":" not in env_id:
         raise ValueError(f"env.id={env_id!r}: env.source=python needs 'module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ValueError(f"env.id={env_id!r}: cannot import {module_name!r}: {exc}") from exc
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"env.id={env_id!r}: module {module_name!r} has no class or function {name!r}")
+    factory = import_callable(env_id, what=f"env.id={env_id!r}")
     env = factory(**args)
     for method in ("start", "respond", "score"):
         if not callable(getattr(env, method, None)):

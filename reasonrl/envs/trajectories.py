@@ -8,31 +8,25 @@ trajectory. Per-episode records carry the metrics (turns, tool calls, token shar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from reasonrl.batch import RolloutBatch
+from reasonrl.batch import RolloutBatch, right_padded
 from reasonrl.envs.episodes import Episode
 
 
 def episode_batch(episodes: list[Episode], *, pad_id: int, group_size: int) -> RolloutBatch:
     """Right-padded [N, T] tensors of the episodes (prompt-major, G consecutive episodes per prompt)."""
-    n, width = len(episodes), max(1, max(len(e.ids) for e in episodes))
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    sampled = torch.zeros((n, width), dtype=torch.bool)
-    logps = torch.zeros((n, width))
-    versions = torch.zeros((n, width), dtype=torch.long)
+    width = max(1, max(len(e.ids) for e in episodes))
+    pad = functools.partial(right_padded, width=width)
     with_entropy = all(e.entropies is not None for e in episodes)
-    entropy = torch.zeros((n, width)) if with_entropy else None
-    for i, e in enumerate(episodes):
-        t = len(e.ids)
-        ids[i, :t] = torch.tensor(e.ids, dtype=torch.long)
-        mask[i, :t] = True
-        sampled[i, :t] = torch.tensor(e.sampled, dtype=torch.bool)
-        logps[i, :t] = torch.tensor(e.logprobs)
-        versions[i, :t] = torch.tensor(e.versions, dtype=torch.long)
-        if entropy is not None:
-            entropy[i, :t] = torch.tensor(e.entropies)
+    ids = pad([e.ids for e in episodes], fill=pad_id)
+    mask = pad([[True] * len(e.ids) for e in episodes], fill=False, dtype=torch.bool)
+    sampled = pad([e.sampled for e in episodes], fill=False, dtype=torch.bool)
+    logps = pad([e.logprobs for e in episodes], fill=0.0, dtype=torch.float32)
+    versions = pad([e.versions for e in episodes])
+    entropy = pad([e.entropies for e in episodes], fill=0.0, dtype=torch.float32) if with_entropy else None
     return RolloutBatch(
         prompt_ids=[e.prompt_ids for e in episodes], completion_ids=ids, completion_mask=mask, rollout_logprobs=logps,
         finish_reasons=[e.finish_reason for e in episodes], group_size=group_size, rollout_entropy=entropy,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import traceback
 from collections.abc import Callable
 from typing import NamedTuple
 
+from reasonrl.imports import import_callable
 from reasonrl.rewards.drqa import concise_correct
 from reasonrl.rewards.math import accuracy_reward, closeness_reward, format_reward
 
@@ -41,15 +41,7 @@ def resolve_reward(name: str) -> Callable:
             f"unknown reward {name!r}; valid choices: {', '.join(sorted(REWARD_REGISTRY))} "
             "or a 'module:function' import path"
         )
-    module_name, _, func_name = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ValueError(f"cannot import reward module {module_name!r} (from {name!r}): {exc}") from exc
-    func = getattr(module, func_name, None)
-    if func is None or not callable(func):
-        raise ValueError(f"reward {name!r}: module {module_name!r} has no callable {func_name!r}")
-    return func
+    return import_callable(name, what=f"reward {name!r}")
 
 
 def _bad_value(v) -> bool:

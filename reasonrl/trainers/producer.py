@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reasonrl.batch import RolloutBatch
+from reasonrl.batch import RolloutBatch, right_padded
 from reasonrl.data.effort import with_effort
 from reasonrl.data.prompts import encode_prompt
 from reasonrl.envs.trajectories import episode_batch, episode_metrics, episode_record, episode_sums
@@ -217,20 +217,14 @@ class Producer:
                                  self.config.data.template) for row in rows]
         out = self.engine.generate(prompts, params, [row.get("max_new_tokens", r.max_new_tokens) for row in rows])
         width = max(1, max(len(ids) for ids in out.completion_ids))
-        n = len(out.completion_ids)
-        ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.bool)
-        logps = torch.zeros((n, width))
-        entropy = torch.zeros((n, width)) if out.entropies is not None else None
-        versions = torch.full((n, width), self.version, dtype=torch.long)  # engines without versions: the current
-        for i, (tok, lp) in enumerate(zip(out.completion_ids, out.logprobs)):
-            ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
-            mask[i, : len(tok)] = True
-            logps[i, : len(lp)] = torch.tensor(lp)
-            if entropy is not None:
-                entropy[i, : len(tok)] = torch.tensor(out.entropies[i])
-            if out.versions is not None and tok:
-                versions[i, : len(tok)] = torch.tensor(out.versions[i], dtype=torch.long)
+        pad = functools.partial(right_padded, width=width)
+        ids = pad(out.completion_ids, fill=self.tokenizer.pad_token_id)
+        mask = pad([[True] * len(tok) for tok in out.completion_ids], fill=False, dtype=torch.bool)
+        logps = pad(out.logprobs, fill=0.0, dtype=torch.float32)
+        entropy = None if out.entropies is None else pad(out.entropies, fill=0.0, dtype=torch.float32)
+        # engines without versions: the current one
+        versions = pad([[self.version] * len(tok) for tok in out.completion_ids] if out.versions is None
+                       else out.versions, fill=self.version)
         batch = RolloutBatch(
             prompt_ids=[p for p in prompts for _ in range(r.group_size)], completion_ids=ids, completion_mask=mask,
             rollout_logprobs=logps, finish_reasons=out.finish_reasons, group_size=r.group_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from reasonrl.config import ConfigError, RecipeConfig, RolloutConfig
+from reasonrl.envs import BUILTIN_ENVS
 from reasonrl.rewards.combine import resolve_reward
 from reasonrl.rl.shapers import build_shaper
 
@@ -98,10 +99,10 @@ def validate_env(config: RecipeConfig) -> None:
             raise ConfigError("rewards: 'env' is the environment's own score, but env.source=none has no environment")
         return
     if not e.id:
-        raise ConfigError(f"env.source={e.source} needs env.id (builtin: calculator or retry; python: module:Class; "
-                          "verifiers: an environment id)")
-    if e.source == "builtin" and e.id not in ("calculator", "retry"):
-        raise ConfigError(f"env.id={e.id!r} is not a built-in environment; choose one of ['calculator', 'retry']")
+        raise ConfigError(f"env.source={e.source} needs env.id (builtin: one of {sorted(BUILTIN_ENVS)}; python: "
+                          "module:Class; verifiers: an environment id)")
+    if e.source == "builtin" and e.id not in BUILTIN_ENVS:
+        raise ConfigError(f"env.id={e.id!r} is not a built-in environment; choose one of {sorted(BUILTIN_ENVS)}")
     if e.source == "verifiers" and "env" not in names:
         raise ConfigError("env.source=verifiers grades episodes with the environment's rubric: add "
                           "{name: env} to rewards")

@@ -173,6 +173,17 @@ def check_naive_differs(tokenizer, episode, tools):
     assert naive_text.startswith(tokenizer.decode(ours, skip_special_tokens=False))
 
 
+def run_one(env, tokenizer, engine, *, max_turns: int, question: str, tool_format: str = "text"):
+    """The one episode of `question` (answer 42) with `env`, the runner closed after it."""
+    runner = EpisodeRunner(env, tokenizer, limits=EpisodeLimits(max_turns=max_turns, tool_format=tool_format),
+                           template="{question}", eos_ids={im_end(tokenizer)})
+    try:
+        [episode] = runner.run(engine, [{"question": question, "answer": "42"}], PARAMS, group_size=1)
+    finally:
+        runner.close()
+    return episode, runner
+
+
 def test_split_pieces_are_not_canonical(smol):
     assert split_ids(smol, " ans", "wer") != encode_text(smol, " answer")
     assert split_ids(smol, "calc", "ulator") != encode_text(smol, "calculator")
@@ -185,12 +196,7 @@ def test_retry_chat_turns_smollm(smol):
              split_ids(smol, "Let me re", "think: the ans", "wer is 40.") + [eos],
              split_ids(smol, "The final ans", "wer is", " 42", ".") + [eos]]
     engine = ScriptedEngine(turns)
-    runner = EpisodeRunner(RetryEnv(max_tries=5), smol, limits=EpisodeLimits(max_turns=5), template="{question}",
-                           eos_ids={eos})
-    try:
-        [episode] = runner.run(engine, [{"question": "What is 6 * 7?", "answer": "42"}], PARAMS, group_size=1)
-    finally:
-        runner.close()
+    episode, _ = run_one(RetryEnv(max_tries=5), smol, engine, max_turns=5, question="What is 6 * 7?")
     assert len(engine.calls) == 3 and episode.state.turns == 3
     assert episode.reward == pytest.approx(0.25)
     assert episode.finish_reason == "stop" and not episode.turn_limit
@@ -206,12 +212,7 @@ def test_retry_chat_turns_qwen_template(qwen):
              split_ids(qwen, "ans", "wer: 43") + [eos],
              split_ids(qwen, "My ans", "wer: 42") + [eos]]
     engine = ScriptedEngine(turns)
-    runner = EpisodeRunner(RetryEnv(max_tries=3), qwen, limits=EpisodeLimits(max_turns=3), template="{question}",
-                           eos_ids={eos})
-    try:
-        [episode] = runner.run(engine, [{"question": "What is 6 * 7?", "answer": "42"}], PARAMS, group_size=1)
-    finally:
-        runner.close()
+    episode, _ = run_one(RetryEnv(max_tries=3), qwen, engine, max_turns=3, question="What is 6 * 7?")
     assert len(engine.calls) == 3
     assert episode.prompt_ids[:len(encode_text(qwen, "<|im_start|>system\nYou are Qwen"))] == encode_text(
         qwen, "<|im_start|>system\nYou are Qwen")
@@ -227,13 +228,7 @@ def test_text_format_tool_turns_smollm(smol):
              split_ids(smol, " and ", "<tool>calc", "ulator: 36 + ", "6</tool>"),
              split_ids(smol, " So the ans", "wer is 42.") + [eos]]
     engine = ScriptedEngine(turns)
-    runner = EpisodeRunner(CalculatorEnv(), smol, limits=EpisodeLimits(max_turns=5, tool_format="text"),
-                           template="{question}", eos_ids={eos})
-    try:
-        [episode] = runner.run(engine, [{"question": "What is 12 * 3 + 6?", "answer": "42"}], PARAMS,
-                               group_size=1)
-    finally:
-        runner.close()
+    episode, _ = run_one(CalculatorEnv(), smol, engine, max_turns=5, question="What is 12 * 3 + 6?")
     assert len(engine.calls) == 3
     assert episode.state.tool_calls == 2 and episode.state.tool_errors == 0
     check_model_tokens(episode, engine)
@@ -255,13 +250,8 @@ def test_hermes_tool_turns_qwen_template(qwen):
              split_ids(qwen, "The ans", "wer is 4", "2.") + [eos]]
     assert qwen.decode(turns[0][:-1]) == first
     engine = ScriptedEngine(turns)
-    runner = EpisodeRunner(CalculatorEnv(), qwen, limits=EpisodeLimits(max_turns=5, tool_format="hermes"),
-                           template="{question}", eos_ids={eos})
-    try:
-        [episode] = runner.run(engine, [{"question": "What is 12 * 3 + 6?", "answer": "42"}], PARAMS,
-                               group_size=1)
-    finally:
-        runner.close()
+    episode, runner = run_one(CalculatorEnv(), qwen, engine, max_turns=5, question="What is 12 * 3 + 6?",
+                              tool_format="hermes")
     tools = runner.schemas
     assert tools and tools[0]["function"]["name"] == "calculator"
     prompt_text = qwen.decode(episode.prompt_ids, skip_special_tokens=False)
