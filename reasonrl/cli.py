@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from reasonrl.config import ConfigError, DataConfig, RolloutConfig, load_config
+from reasonrl.episode_cli import add_env_arguments, episode_config, eval_episodes, generate_episodes
 
 TASKS = ("arithmetic", "gsm8k")
 ENGINES = ("hf", "vllm", "server")
@@ -108,6 +109,9 @@ def _eval(args) -> int:
     from reasonrl.models import load_tokenizer
     from reasonrl.trainers.evaluate import greedy_accuracy
 
+    config = episode_config(args, args.config, args.overrides)
+    if config.env.source != "none":
+        return eval_episodes(args, config)
     data = eval_data_config(args)
     rollout = eval_rollout_config(args)
     _, rows = load_task_rows(data)
@@ -146,9 +150,10 @@ def effort_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """The questions of a JSONL file: one JSON object with a non-empty "question" string per non-empty line."""
-    questions = []
+def read_prompts_file(path: str) -> list[dict]:
+    """The rows of a JSONL file: one JSON object with a non-empty "question" string per non-empty line (its other
+    fields, such as "answer", are there for an environment)."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -160,8 +165,8 @@ def read_prompts_file(path: str) -> list[str]:
             question = row.get("question") if isinstance(row, dict) else None
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f'{path}:{line_no}: needs a JSON object with a non-empty "question" string')
-            questions.append(question)
-    return questions
+            rows.append(row)
+    return rows
 
 
 def _generation_engine(args, model_path: str, tokenizer, reflex):
@@ -195,16 +200,11 @@ def _generate_completions(engine, prompts: list[list[int]], params, max_new_toke
     return out
 
 
-def _generate(args) -> int:
-    from reasonrl.data.effort import with_effort
-    from reasonrl.data.prompts import encode_prompt
-    from reasonrl.models import load_tokenizer
-    from reasonrl.rollout.base import SamplingParams
-    from reasonrl.rollout.cyclic_reflex import REFLECTION_WORDS
-    from reasonrl.rollout.cyclic_reflex_vllm import CyclicReflexSettings
-
-    questions = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    if not questions:
+def generate_rows(args) -> list[dict]:
+    """The questions of `reasonrl generate` as data rows (--prompt, then --prompts-file), its options checked."""
+    rows = [{"question": q} for q in args.prompt or []] + (read_prompts_file(args.prompts_file) if args.prompts_file
+                                                           else [])
+    if not rows:
         raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
     if "{question}" not in args.template:
         raise ValueError(f"--template must contain {{question}}, got {args.template!r}")
@@ -213,6 +213,22 @@ def _generate(args) -> int:
     if args.n > 1 and args.temperature == 0:
         raise ValueError("greedy decoding (--temperature 0) gives one completion per question: "
                          "set --temperature for --n")
+    return rows
+
+
+def _generate(args) -> int:
+    from reasonrl.data.effort import with_effort
+    from reasonrl.data.prompts import encode_prompt
+    from reasonrl.models import load_tokenizer
+    from reasonrl.rollout.base import SamplingParams
+    from reasonrl.rollout.cyclic_reflex import REFLECTION_WORDS
+    from reasonrl.rollout.cyclic_reflex_vllm import CyclicReflexSettings
+
+    rows = generate_rows(args)
+    config = episode_config(args)
+    if config.env.source != "none":
+        return generate_episodes(args, config, rows)
+    questions = [row["question"] for row in rows]
     model_path = resolve_eval_model(args.model)
     tokenizer = load_tokenizer(model_path)
     reflex = None
@@ -257,10 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="recipe YAML (defaults apply without one)")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="greedy accuracy of a model, checkpoint or run folder")
+    ev = sub.add_parser("eval", help="greedy accuracy of a model, checkpoint or run folder (with --env: of "
+                        "episodes)")
     ev.add_argument("model", help="run folder, checkpoint folder, local HF folder, hub id or built-in name")
     ev.add_argument("--task", choices=TASKS, default="arithmetic")
-    ev.add_argument("--config", help="take the eval split from this recipe's data section instead of --task")
+    ev.add_argument("--config", help="take the eval split from this recipe's data section instead of --task (and "
+                    "its env section, if any, runs episodes)")
     ev.add_argument("--data-path", help="gsm8k: local JSONL file (default: the hub data set openai/gsm8k)")
     ev.add_argument("--n", type=int, default=200, help="number of held-out problems")
     ev.add_argument("--max-new-tokens", type=int, default=128)
@@ -270,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: bfloat16 where the hardware has fast bf16 (model.dtype: auto), else float32")
     ev.add_argument("--json", action="store_true", help="print one JSON line")
     ev.add_argument("--effort", type=effort_arg, help="e1 effort r in (0, 1]: the prompts get the effort line")
+    add_env_arguments(ev)
     ev.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     ev.set_defaults(func=_eval)
     add_generate_parser(sub)
@@ -318,7 +337,9 @@ def add_generate_parser(sub) -> None:
                         f"{' '.join(REFLECTION_WORDS)})")
     reflex.add_argument("--think-end", default="</think>",
                         help="the wave stops after this token (ignored if it is not a single vocabulary entry)")
-    gen.add_argument("--json", action="store_true", help="one JSON object per completion (with the prompt text)")
+    add_env_arguments(gen)
+    gen.add_argument("--json", action="store_true", help="one JSON object per completion (with the prompt text); "
+                     "with --env, per episode (its transcript and per-turn metrics)")
     gen.set_defaults(func=_generate)
 
 

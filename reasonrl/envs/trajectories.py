@@ -3,12 +3,14 @@
 The completion of an episode is every token after its prompt, the model's and the environment's, in order; the
 batch's `sampled_mask` marks the model's, so the loss, the advantages' length terms, the entropy statistics, D3S
 token selection, the IS correction and the KL read the model's tokens only, while the forward sees the whole
-trajectory. Per-episode records carry the metrics (turns, tool calls, token shares) and the transcript.
+trajectory. Per-episode records carry the metrics (turns, tool calls, token shares) and the transcript;
+`episode_transcript` adds the conversation and the per-turn metrics (`reasonrl eval --env`, `reasonrl generate --env`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -42,6 +44,48 @@ def episode_record(episode: Episode, tokenizer) -> dict:
         "model_tokens": episode.model_tokens, "env_tokens": episode.env_tokens,
         "truncated": episode.finish_reason == "length", "turn_limit": episode.turn_limit,
         "transcript": tokenizer.decode(episode.ids, skip_special_tokens=False),
+    }
+
+
+def turn_token_counts(episode: Episode) -> list[int] | None:
+    """The tokens the model sampled in each of its turns: the runs of sampled tokens (an environment turn, which
+    always adds tokens, lies between two model turns). None when the runs do not match the turns: a turn in which
+    the engine returned no token leaves no run."""
+    runs: list[int] = []
+    previous = False
+    for sampled in episode.sampled:
+        if sampled and not previous:
+            runs.append(0)
+        if sampled:
+            runs[-1] += 1
+        previous = sampled
+    return runs if len(runs) == episode.state.turns else None
+
+
+def episode_turns(episode: Episode) -> list[dict]:
+    """Per assistant turn: its number, the tokens the model sampled in it (None: unknown, see `turn_token_counts`)
+    and its tool calls (the tool results that answer it; the runner adds one per call)."""
+    tokens = turn_token_counts(episode)
+    turns: list[dict] = []
+    for message in episode.state.messages:
+        if message["role"] == "assistant":
+            turns.append({"turn": len(turns) + 1, "tokens": None if tokens is None else tokens[len(turns)],
+                          "tool_calls": 0})
+        elif message["role"] == "tool" and turns:
+            turns[-1]["tool_calls"] += 1
+    return turns
+
+
+def episode_transcript(episode: Episode, tokenizer) -> dict:
+    """An episode as the command line shows it: its record (`episode_record`), finish reason and reward (None: not
+    scored, or the score raised, which `env_errors` counts), the conversation (role and content of every message:
+    the prompt, the assistant turns, tool results and the environment's replies) and the per-turn metrics."""
+    reward = episode.reward
+    return {
+        **episode_record(episode, tokenizer), "finish_reason": episode.finish_reason,
+        "reward": reward if reward is not None and math.isfinite(reward) else None,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in episode.state.messages],
+        "per_turn": episode_turns(episode),
     }
 
 

@@ -40,11 +40,12 @@ def greedy_accuracy(
 def episode_accuracy(runner, engine, tokenizer, rows: list[dict], *, answer_mode: str = "lenient",
                      num_scored: int | None = None) -> dict:
     """Greedy episodes with the environment (reasonrl/envs), one per row; the same counts as `greedy_accuracy`
-    plus tool calls and turns. An episode is right when the environment's own score is > 0 or, for an
-    environment that does not score, when the model's answer is (the accuracy reward on its text)."""
+    plus tool calls and turns, and the scored episodes themselves ("episodes", aligned with "samples"). An episode
+    is right when the environment's own score is > 0 or, for an environment that does not score, when the model's
+    answer is (the accuracy reward on its text)."""
     if not rows:
         return {"correct": 0.0, "n": 0.0, "tokens": 0.0, "tool_calls": 0.0, "with_tool": 0.0, "turns": 0.0,
-                "samples": []}
+                "samples": [], "episodes": []}
     episodes = runner.run(engine, rows, SamplingParams(n=1, temperature=0.0), group_size=1)
     if num_scored is not None:
         rows, episodes = rows[:num_scored], episodes[:num_scored]
@@ -60,5 +61,5 @@ def episode_accuracy(runner, engine, tokenizer, rows: list[dict], *, answer_mode
         "correct": float(sum(scores)), "n": float(len(rows)), "tokens": float(sum(e.model_tokens for e in episodes)),
         "tool_calls": float(sum(e.state.tool_calls for e in episodes)),
         "with_tool": float(sum(e.state.tool_calls > 0 for e in episodes)),
-        "turns": float(sum(e.state.turns for e in episodes)), "samples": samples,
+        "turns": float(sum(e.state.turns for e in episodes)), "samples": samples, "episodes": episodes,
     }
