@@ -20,13 +20,16 @@ LOGP_ATOL = 2e-4  # fp32 server vs fp32 transformers: different kernels and summ
 START_TIMEOUT_S = 300  # vLLM's start on 2 busy CPU cores takes about a minute
 
 
-def start_server(model_dir: str, folder: Path, port: int, *, token: str, api_key: str | None = None):
+def start_server(model_dir: str, folder: Path, port: int, *, token: str, api_key: str | None = None,
+                 vllm_args: tuple[str, ...] = ()):
     """``(process, url, log)`` of a healthy fp32 server that takes ``token`` as its weight token (from a file) and
-    ``api_key`` (from the environment). Its own session, so `kill_server` reaches vLLM's engine process too."""
+    ``api_key`` (from the environment); ``vllm_args`` go to vLLM after the KV-cache size. Its own session, so
+    `kill_server` reaches vLLM's engine process too."""
     log, token_file = folder / "server.log", folder / "weight-token"
     token_file.write_text(token + "\n")
     cmd = [sys.executable, "-m", "reasonrl.cli", "serve", model_dir, "--port", str(port), "--dtype", "float32",
-           "--weight-token-file", str(token_file), "--", "--kv-cache-memory-bytes", str(1 << 28)]
+           "--weight-token-file", str(token_file), "--", "--kv-cache-memory-bytes", str(1 << 28),
+           *vllm_args]
     env = {k: v for k, v in os.environ.items() if k not in (WEIGHT_TOKEN_ENV, API_KEY_ENV)}
     if api_key:
         env[API_KEY_ENV] = api_key
