@@ -130,7 +130,9 @@ class DataConfig:
     answer_key: str = "answer"
     answer_mode: str = choice("hash", ["hash", "raw"])
     digits: int = bounded(2, 1, doc="arithmetic: digits per operand")
-    operands: int = bounded(2, 2, 8, doc="arithmetic: numbers per problem")
+    operands: int = bounded(2, 2, 8, doc="arithmetic: numbers per problem (the most, with min_operands)")
+    min_operands: int = bounded(0, 0, 8, doc="arithmetic: 0, or the fewest numbers per problem (2..operands): each "
+                                "problem draws its count uniformly from [min_operands, operands]")
     operators: str = "+-*"
     num_train: int = bounded(2000, 0, doc="rows used for training (0: all rows of a file)")
     num_eval: int = bounded(200, 0, doc="held-out rows evaluated (0: no evaluation)")

@@ -14,17 +14,22 @@ class DataError(ValueError):
 
 
 def arithmetic_rows(
-    n: int, *, seed: int, digits: int = 2, operators: str = "+-*", operands: int = 2
+    n: int, *, seed: int, digits: int = 2, operators: str = "+-*", operands: int = 2, min_operands: int = 0
 ) -> list[dict]:
-    """``n`` deterministic arithmetic questions like ``{"question": "47 * 83", "answer": "3901"}``."""
+    """``n`` deterministic arithmetic questions like ``{"question": "47 * 83", "answer": "3901"}``: ``operands``
+    numbers each, or with ``min_operands`` >= 2, a count drawn uniformly from [min_operands, operands] per problem
+    (0 draws nothing, so the rows of a fixed count are the same with and without the option)."""
     if digits < 1 or operands < 2 or not operators or any(op not in "+-*" for op in operators):
         raise ValueError("need digits >= 1, operands >= 2, operators drawn from '+-*'")
+    if min_operands and not 2 <= min_operands <= operands:
+        raise ValueError(f"min_operands={min_operands} must be 0 or in [2, operands={operands}]")
     rng = random.Random(seed)
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     rows = []
     for _ in range(n):
+        count = rng.randint(min_operands, operands) if min_operands else operands
         parts = [str(rng.randint(lo, hi))]
-        for _ in range(operands - 1):
+        for _ in range(count - 1):
             parts += [rng.choice(operators), str(rng.randint(lo, hi))]
         question = " ".join(parts)
         answer = eval(question, {"__builtins__": {}}, {})  # only digits and +-* here

@@ -11,7 +11,8 @@ _EVAL_SEED_OFFSET = 1_000_003
 
 
 def _arithmetic_split(cfg) -> tuple[list[dict], list[dict]]:
-    kwargs = {"digits": cfg.digits, "operators": cfg.operators, "operands": cfg.operands}
+    kwargs = {"digits": cfg.digits, "operators": cfg.operators, "operands": cfg.operands,
+              "min_operands": cfg.min_operands}
     train = arithmetic_rows(cfg.num_train, seed=cfg.seed, **kwargs)
     seen = {row["question"] for row in train}
     eval_rows, draw = [], 0

@@ -153,6 +153,9 @@ def validate_data(config: RecipeConfig) -> None:
     if d.source == "arithmetic" and d.num_train < 1:
         raise ConfigError(f"data.num_train={d.num_train} means 'every row of a file', but data.source=arithmetic "
                           "generates its rows: set data.num_train >= 1")
+    if d.min_operands and not 2 <= d.min_operands <= d.operands:
+        raise ConfigError(f"data.min_operands={d.min_operands} must be 0 (every problem has data.operands numbers) "
+                          f"or in [2, data.operands={d.operands}]")
 
 
 def validate_algorithm(config: RecipeConfig) -> None:

@@ -52,6 +52,7 @@ CONTEXT = {
     "rollout.inflight_chunk_tokens": ["rollout.engine=server", "rollout.max_staleness=1",
                                       "rollout.inflight_updates=true"],
     "optim.decay_steps": ["optim.schedule=wsd"],
+    "data.min_operands": ["data.operands=8"],  # every count in [2, 8] is then a valid fewest
     "optim.final_factor": ["optim.schedule=wsd", "optim.decay_steps=2"],
 }
 # What a step's metrics show when the CONTEXT's component acted (the fuzzed value is not a silent no-op).
@@ -85,6 +86,7 @@ LOAD_ONLY = {
 # In-range values (in their CONTEXT) that a cross-key rule of `validate` refuses.
 REFUSED_BY_RULES = {
     ("data.num_train", 0),  # 0 means "every row of a file"; the arithmetic source generates rows
+    ("data.min_operands", 1),  # a problem has at least two numbers (0: always data.operands)
     ("algorithm.d3s.keep_end", 1e-06),  # below the context's starts (0.5): the fractions would shrink
     ("model.sparse_attention.vertical_size", 0),  # below sink=1
     ("model.sparse_attention.slash_size", 0),  # below local_window=2

@@ -98,6 +98,8 @@ def test_a_keep_end_below_the_default_starts_is_refused_by_validate():
      "rollout.inflight_chunk_tokens"),
     (["rewards=[{name: accuracy, weight: 0}]"], "weight"),
     (["data.num_train=0"], "data.num_train"),
+    (["data.min_operands=3"], "data.min_operands"),  # above data.operands=2
+    (["data.operands=3", "data.min_operands=1"], "data.min_operands"),  # one number is no problem
     (["model.attn_implementation=reasonrl_sparse", "model.sparse_attention.impl=triton",
       "model.sparse_attention.block_size=24"], "model.sparse_attention.block_size"),
     (["model.attn_implementation=reasonrl_sparse", "model.sparse_attention.vertical_size=8"],

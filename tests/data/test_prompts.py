@@ -19,6 +19,20 @@ def test_arithmetic_deterministic_and_correct():
     assert all("*" in r["question"] for r in arithmetic_rows(5, seed=0, operators="*"))
 
 
+def test_arithmetic_mixed_operand_counts():
+    mixed = arithmetic_rows(400, seed=1, operands=3, min_operands=2)
+    assert mixed == arithmetic_rows(400, seed=1, operands=3, min_operands=2)
+    counts = [len(row["question"].split()) // 2 + 1 for row in mixed]
+    assert set(counts) == {2, 3} and 150 < counts.count(3) < 250  # uniform over [2, 3]
+    assert all(int(row["answer"]) == eval(row["question"]) for row in mixed)
+    # 0 draws no count: the rows of a fixed count do not change with the option
+    assert arithmetic_rows(30, seed=1, operands=3, min_operands=0) == arithmetic_rows(30, seed=1, operands=3)
+    assert {len(r["question"].split()) for r in arithmetic_rows(30, seed=1, operands=3, min_operands=3)} == {5}
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match="min_operands"):
+            arithmetic_rows(3, seed=0, operands=3, min_operands=bad)
+
+
 def test_gsm8k_sample(tmp_path, shared_data):
     with open(shared_data / "gsm8k" / "test.jsonl") as f:  # a missing file is a failure, not a skip
         lines = list(islice(f, 3))
