@@ -200,7 +200,7 @@ def generate_episodes(args, config: RecipeConfig, rows: list[dict]) -> int:
 
 def print_episode(episode, tokenizer, rows: list[dict], k: int, args) -> None:
     """Episode `k` (prompt-major, --n per question): one JSON object, or its conversation after the prompt."""
-    from reasonrl.envs.trajectories import episode_transcript
+    from reasonrl.envs.trajectories import episode_transcript, model_turn_starts
 
     i, j = divmod(k, args.n)
     record = episode_transcript(episode, tokenizer)
@@ -213,7 +213,8 @@ def print_episode(episode, tokenizer, rows: list[dict], k: int, args) -> None:
     print(f"--- episode {j + 1}/{args.n} ({record['turns']} turns, {record['tool_calls']} tool calls, "
           f"{record['model_tokens']} model tokens, {record['finish_reason']}, reward {record['reward']})")
     turns = iter(record["per_turn"])
-    first_turn = next(n for n, m in enumerate(record["messages"]) if m["role"] == "assistant")
+    starts = model_turn_starts(episode)
+    first_turn = starts[0] if starts else len(record["messages"])
     for message in record["messages"][first_turn:]:  # the prompt's messages are in the JSON output
         if message["role"] == "assistant":
             turn = next(turns)

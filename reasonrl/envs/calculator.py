@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from reasonrl.envs.base import Environment
 from reasonrl.envs.tools import Tool
+from reasonrl.envs.worked_examples import worked_example
 
 __all__ = ["MAX_ABS_VALUE", "MAX_EXPRESSION_CHARS", "CalculatorEnv", "calculate", "calculator"]
 
@@ -107,8 +108,30 @@ def _describe(node: ast.AST) -> str:
 calculator = Tool.of(calculate, name="calculator", example=("12 * (3 + 4)", "84"))
 
 
+# The worked examples' problems, three- and two-operand in turn (the arithmetic task's shapes).
+EXAMPLE_PROBLEMS = ("23 * 4 + 17", "56 - 18", "31 + 45 * 12", "72 * 19")
+
+
 class CalculatorEnv(Environment):
-    """An episode with the calculator tool: the model may call it; the recipe's rewards grade the answer."""
+    """An episode with the calculator tool: the model may call it; the recipe's rewards grade the answer.
+
+    examples: worked examples before the question (few-shot, 0..4): each asks one of `EXAMPLE_PROBLEMS` as the
+    data template does, calls the calculator on the expression and answers with its result after '####'. A
+    small model that never writes a tool call on its own (SmolLM2-135M: 0 of 256 samples) copies the call from them.
+    """
 
     tools: ClassVar[list] = [calculator]
     template = None
+
+    def __init__(self, examples: int = 0):
+        if isinstance(examples, bool) or not isinstance(examples, int) or not 0 <= examples <= len(EXAMPLE_PROBLEMS):
+            raise ValueError(f"calculator: examples={examples!r} must be an integer in [0, {len(EXAMPLE_PROBLEMS)}]")
+        self.examples = int(examples)
+
+    def start(self, row: dict, template: str) -> list[dict]:
+        shots = []
+        for problem in EXAMPLE_PROBLEMS[: self.examples]:
+            value = calculate(problem)
+            shots += worked_example(problem, self.template or template, calculator, {"expression": problem}, value,
+                                    f"\n#### {value}")
+        return shots + super().start(row, template)

@@ -33,6 +33,7 @@ from reasonrl.envs.tools import (
     run_tool_call,
     text_tool_instructions,
 )
+from reasonrl.envs.worked_examples import inline_tool_turns
 from reasonrl.rollout.base import SamplingParams
 
 logger = logging.getLogger("reasonrl.envs")
@@ -117,8 +118,9 @@ class EpisodeRunner:
 
     def start(self, row: dict) -> Episode:
         messages = self.env.start(row, self.template)
-        if self.tools and self.limits.tool_format == "text":
-            messages = with_instructions(messages, text_tool_instructions(list(self.tools.values())))
+        if self.tools and self.limits.tool_format == "text":  # worked examples' tool calls written as text
+            tools = list(self.tools.values())
+            messages = with_instructions(inline_tool_turns(messages, tools), text_tool_instructions(tools))
         state = EpisodeState(row=row, messages=[dict(m) for m in messages])
         return Episode(first_prompt_ids(self.tokenizer, messages, tools=self.schemas), state)
 

@@ -42,7 +42,7 @@ from transformers.utils import get_json_schema
 
 __all__ = ["RESULT_CLOSE", "RESULT_OPEN", "TEXT_TOOL_CLOSE", "TEXT_TOOL_OPEN", "Tool", "ToolCall", "ToolResult",
            "as_tools", "call_tool", "detect_tool_format", "parse_hermes_calls", "parse_text_calls",
-           "render_text_result", "run_tool_call", "text_tool_instructions"]
+           "render_text_call", "render_text_result", "run_tool_call", "text_tool_instructions"]
 
 TEXT_TOOL_OPEN = "<tool>"
 TEXT_TOOL_CLOSE = "</tool>"
@@ -351,6 +351,18 @@ def _text_arguments(raw: str, tool: Tool, argument: str) -> ToolCall:
 def render_text_result(result_text: str) -> str:
     """A tool's result as the text format shows it to the model."""
     return f"{RESULT_OPEN}{result_text}{RESULT_CLOSE}"
+
+
+def render_text_call(tool: Tool, arguments: dict) -> str:
+    """A call as the text format writes it (the inverse of `parse_text_calls`): `<tool>NAME: ARGUMENT</tool>`."""
+    params = list(tool.parameters.items())
+    if len(params) == 1:
+        name, prop = params[0]
+        value = arguments[name]
+        body = value if prop.get("type") == "string" else json.dumps(value)
+    else:
+        body = json.dumps(arguments)
+    return f"{TEXT_TOOL_OPEN}{tool.name}: {body}{TEXT_TOOL_CLOSE}"
 
 
 def text_tool_instructions(tools: Sequence[Tool]) -> str:

@@ -62,17 +62,23 @@ def turn_token_counts(episode: Episode) -> list[int] | None:
     return runs if len(runs) == episode.state.turns else None
 
 
+def model_turn_starts(episode: Episode) -> list[int]:
+    """The indices in `state.messages` of the model's assistant turns: the last `state.turns` assistant messages
+    (the prompt's own assistant messages, such as worked examples, come before them)."""
+    assistant = [i for i, m in enumerate(episode.state.messages) if m["role"] == "assistant"]
+    return assistant[len(assistant) - episode.state.turns:] if episode.state.turns else []
+
+
 def episode_turns(episode: Episode) -> list[dict]:
-    """Per assistant turn: its number, the tokens the model sampled in it (None: unknown, see `turn_token_counts`)
-    and its tool calls (the tool results that answer it; the runner adds one per call)."""
+    """Per assistant turn of the model: its number, the tokens the model sampled in it (None: unknown, see
+    `turn_token_counts`) and its tool calls (the tool results that answer it; the runner adds one per call)."""
     tokens = turn_token_counts(episode)
+    messages, starts = episode.state.messages, model_turn_starts(episode)
     turns: list[dict] = []
-    for message in episode.state.messages:
-        if message["role"] == "assistant":
-            turns.append({"turn": len(turns) + 1, "tokens": None if tokens is None else tokens[len(turns)],
-                          "tool_calls": 0})
-        elif message["role"] == "tool" and turns:
-            turns[-1]["tool_calls"] += 1
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(messages)
+        calls = sum(m["role"] == "tool" for m in messages[start + 1:end])
+        turns.append({"turn": k + 1, "tokens": None if tokens is None else tokens[k], "tool_calls": calls})
     return turns
 
 
