@@ -119,10 +119,10 @@ def episode_summary(episodes, tokenizer) -> dict[str, float]:
 def eval_episodes(args, config: RecipeConfig) -> int:
     """`reasonrl eval --env`: greedy episodes on the eval rows (`episode_accuracy`, as the trainer's eval)."""
     from reasonrl.cli import build_cli_engine, close_engine, eval_data_config, eval_rollout_config, resolve_eval_model
+    from reasonrl.data.tasks import task_rows
     from reasonrl.envs.trajectories import episode_transcript
     from reasonrl.models import load_tokenizer
     from reasonrl.trainers.evaluate import episode_accuracy
-    from reasonrl.trainers.grpo import task_rows
 
     check_single_turn_options(args)
     config.data = eval_data_config(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reasonrl.data.prompts import DataError, arithmetic_rows, check_row, load_jsonl_rows
 
-__all__ = ["load_task_rows"]
+__all__ = ["load_task_rows", "task_rows"]
 
 # Eval problems are drawn from a different seed stream than training ones, then de-duplicated against them.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -72,3 +72,13 @@ def load_task_rows(cfg) -> tuple[list[dict], list[dict]]:
     if cfg.source in ("jsonl", "parquet"):
         return _file_split(cfg)
     return _hub_split(cfg)
+
+
+def task_rows(config, env) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of a recipe: its data section, or a verifiers environment's own data sets (`env`, the
+    loaded environment of its env section; None without one)."""
+    if config.env.source != "verifiers":
+        return load_task_rows(config.data)
+    d = config.data
+    train, eval_rows = env.rows("train"), env.rows("eval")
+    return (train[: d.num_train] if d.num_train > 0 else train), eval_rows[: d.num_eval]

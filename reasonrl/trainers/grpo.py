@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from reasonrl.config import ConfigError, RecipeConfig, load_config, save_config
-from reasonrl.data.tasks import load_task_rows
+from reasonrl.data.tasks import task_rows
 from reasonrl.envs import build_runner, load_environment
 from reasonrl.malloc_tuning import tune_malloc
 from reasonrl.models import load_autocast_model, load_policy, load_tokenizer, resolve_model_path
@@ -392,15 +392,6 @@ class GRPOTrainer:
         local = fingerprint(self.policy.parameters(), self.zero).to(self.acc.device)
         every_rank = self.acc.gather(local[None])  # [world, 2 * num_tensors]
         return bool((every_rank == every_rank[0]).all())
-
-
-def task_rows(config, env) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows: the recipe's data section, or a verifiers environment's own data sets."""
-    if config.env.source != "verifiers":
-        return load_task_rows(config.data)
-    d = config.data
-    train, eval_rows = env.rows("train"), env.rows("eval")
-    return (train[: d.num_train] if d.num_train > 0 else train), eval_rows[: d.num_eval]
 
 
 def _due(step: int, every: int) -> bool:
